@@ -17,7 +17,7 @@ from hivemind.errors import FloatInSignedDocument, InvalidInput
 
 def _reject_floats(value: Any, path: str) -> None:
     if isinstance(value, float):
-        raise FloatInSignedDocument(f"float at {path or '$'}: signed JSON uses integers or RFC 3339 strings")
+        raise FloatInSignedDocument(f"float at ${path}: signed JSON uses integers or RFC 3339 strings")
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):

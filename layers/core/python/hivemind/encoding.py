@@ -14,7 +14,7 @@ def b32encode(data: bytes) -> str:
 
 
 def b32decode(text: str) -> bytes:
-    if not text or text != text.lower() or not text.isascii():
+    if not text or text != text.lower() or not text.isascii() or "=" in text:
         raise InvalidInput("base32 text must be non-empty lowercase ASCII without padding")
     padded = text.upper() + "=" * (-len(text) % 8)
     try:
