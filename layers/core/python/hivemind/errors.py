@@ -207,3 +207,9 @@ class ServiceUnavailable(HivemindError):
 class StoreError(HivemindError):
     code = "store_error"
     status = 500
+
+
+class CollateralUnavailable(QuoteVerificationError):
+    """No usable DCAP collateral (TCB info, QE identity, CRLs) could be fetched or read from the cache."""
+
+    code = "collateral_unavailable"
