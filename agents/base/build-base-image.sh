@@ -30,6 +30,8 @@ SUITE=bookworm
 ROOTFS_PACKAGES=python3,python3-yaml
 INPUTS_LABEL=org.hivemind.base.inputs.sha256
 SDK_LABEL=org.hivemind.sdk.sha256
+# Provenance only: re-importing the same rootfs gives a new id and should not force a rebuild.
+PARENT_ID_LABEL=org.hivemind.base.parent.id
 
 say() { printf 'build-base-image.sh: %s\n' "$*" >&2; }
 fail() { say "error: $*"; exit 1; }
@@ -127,7 +129,7 @@ ensure_rootfs_image() {
 }
 
 main() {
-    local inputs sdk context
+    local inputs sdk parent_id context previous_id new_id
     inputs="$(inputs_sha256)"
     if ((FORCE == 0)) && image_exists "$IMAGE" && [[ "$(image_label "$IMAGE" "$INPUTS_LABEL")" == "$inputs" ]]; then
         say "$IMAGE is up to date"
@@ -142,7 +144,9 @@ main() {
         docker pull "$PARENT" >&2 || fail "cannot pull $PARENT; unset HIVEMIND_BASE_PARENT to build offline"
     fi
 
+    previous_id="$(docker image inspect --format '{{.Id}}' "$IMAGE" 2>/dev/null || true)"
     sdk="$(sdk_sha256)"
+    parent_id="$(docker image inspect --format '{{.Id}}' "$PARENT")"
     context="$(mktemp -d)"
     # shellcheck disable=SC2064  # expand now: the trap must remove this very directory
     trap "rm -rf '$context'" EXIT
@@ -155,10 +159,16 @@ main() {
         --build-arg "PARENT=$PARENT" \
         --label "$INPUTS_LABEL=$inputs" \
         --label "$SDK_LABEL=$sdk" \
+        --label "$PARENT_ID_LABEL=$parent_id" \
         --tag "$IMAGE" "$context" >&2 || fail "docker build of $IMAGE failed"
     rm -rf "$context"
     trap - EXIT
-    docker image inspect --format '{{.Id}}' "$IMAGE"
+    new_id="$(docker image inspect --format '{{.Id}}' "$IMAGE")"
+    # The image this build replaced is now untagged; drop it unless a container still uses it.
+    if [[ -n "$previous_id" && "$previous_id" != "$new_id" ]]; then
+        docker image rm "$previous_id" >/dev/null 2>&1 || say "kept the previous image $previous_id (in use)"
+    fi
+    echo "$new_id"
 }
 
 main

@@ -166,6 +166,9 @@ def test_public_keys_refuse_wrong_sizes_and_non_canonical_base64() -> None:
     good = RUNNER.public_keys()
     with pytest.raises(ValidationError, match="must be 1216 bytes"):
         HpkePublicKeys(mlkem768_x25519=good.x25519, x25519=good.x25519)
+    with pytest.raises(ValidationError, match="not hold a valid ML-KEM-768 encapsulation key"):
+        # Right size, but its coefficients are not reduced mod q: not an encapsulation key.
+        HpkePublicKeys(mlkem768_x25519=b64encode(b"\xff" * 1216), x25519=good.x25519)
     with pytest.raises(ValidationError, match="not canonical"):
         # A set trailing bit decodes to the same bytes; it must not count as the same key.
         HpkePublicKeys(mlkem768_x25519=good.mlkem768_x25519, x25519=good.x25519[:-1] + "B")
@@ -253,6 +256,7 @@ def test_run_envelope_round_trip(suite: HpkeSuite) -> None:
     assert opened.wrap_key_bytes() == b"\x07" * 32
     assert len(b64decode(opened.nonce)) == 16
     assert opened.expires_at == NOW + 600
+    assert opened.prompt_sha256() == hashlib.sha256(b"how many orders by country?").hexdigest()
 
 
 def test_run_envelope_repr_hides_prompt_and_wrap_key() -> None:

@@ -299,6 +299,23 @@ def test_link_round_trip() -> None:
     assert parse_link("  HMROOM://" + text.removeprefix("hmroom://") + "\n") == LINK
 
 
+def test_link_vector_from_docs() -> None:
+    owner_pub = b64encode(public_bytes(owner_sign_key(OWNER)))
+    link = InviteLink(
+        service="https://api.example.com",
+        room_id="room_abc123",
+        invite=INVITE.token(),
+        owner_sign_pub=owner_pub,
+    )
+    documented = (
+        "hmroom://eyJpbnZpdGUiOiJobXFfZWFxc2VpemVldXRjb2tiamZpdnN5bGpvZjR5ZGNtcnRncTJ0bW56eWhlNWR3cGI1aHk3cSIs"
+        "Im93bmVyX3NpZ25fcHViIjoiVUI0ZkdMUGpGUjZMSm9UVm9RZTJvNzNLVk1sQWhfdmdYNjh1cDNRWXRUSSIsInJvb21faWQiOiJy"
+        "b29tX2FiYzEyMyIsInNlcnZpY2UiOiJodHRwczovL2FwaS5leGFtcGxlLmNvbSJ9"
+    )
+    assert encode_link(link) == documented
+    assert parse_link(documented) == link
+
+
 def test_link_repr_hides_the_invite_secret() -> None:
     assert INVITE.token() not in repr(LINK)
     assert INVITE.token() not in str(LINK)

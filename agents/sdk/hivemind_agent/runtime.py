@@ -72,8 +72,10 @@ class Context:
 
 
 def _failure(exc: BaseException) -> tuple[str, str]:
-    code = exc.code if isinstance(exc, BridgeError) else AGENT_ERROR
-    message = f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, BridgeError):
+        code, message = exc.code, exc.message
+    else:
+        code, message = AGENT_ERROR, f"{type(exc).__name__}: {exc}"
     if len(message) > MAX_FAILURE_MESSAGE_CHARS:
         message = message[: MAX_FAILURE_MESSAGE_CHARS - 3] + "..."
     return code, message
@@ -82,7 +84,7 @@ def _failure(exc: BaseException) -> tuple[str, str]:
 def run(handler: Handler, *, bridge: Bridge | None = None, stderr: TextIO | None = None) -> int:
     """Run one stage and return the process exit code (0 output posted, 1 failed, 2 no bridge).
 
-    Tracebacks go to stderr, which the runner keeps in its operator log and never returns to callers.
+    Tracebacks go to stderr, which the runner keeps with the stage's logs inside the TEE, as room data.
     """
     err = sys.stderr if stderr is None else stderr
     try:

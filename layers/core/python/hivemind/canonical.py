@@ -28,6 +28,16 @@ def _reject_floats(value: Any, path: str) -> None:
             _reject_floats(item, f"{path}[{index}]")
 
 
+def refuse_floats(data: Any) -> Any:
+    """Refuse a float anywhere in ``data`` and return it unchanged.
+
+    Used as the body of ``model_validator(mode="before")`` in signed documents, so ``120.0`` is never
+    quietly read as ``120`` into a document whose signature would then cover something else than was sent.
+    """
+    _reject_floats(data, "")
+    return data
+
+
 def canonical_json(value: Any) -> bytes:
     """Canonical bytes of a JSON value or pydantic model (``mode="json"`` dump, ``None`` kept)."""
     if isinstance(value, BaseModel):

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from pydantic import AfterValidator, Field, ValidationError, model_validator
 
 from hivemind.canonical import canonical_json
-from hivemind.encoding import b64decode, b64encode
+from hivemind.encoding import b64decode, b64encode, sha256_hex
 from hivemind.errors import EnvelopeError, ExpiredError, InvalidInput, ReplayError, ServiceUnavailable
 from hivemind.keys import HKDF_SALT, public_bytes
 from hivemind.models import Budgets, Identifier, Sha256Hex, StrictModel, UnixSeconds
@@ -367,6 +367,10 @@ class RunEnvelope(StrictModel):
 
     def wrap_key_bytes(self) -> bytes:
         return b64decode(self.wrap_key)
+
+    def prompt_sha256(self) -> str:
+        """Hex SHA-256 of the prompt's UTF-8 bytes: what the run request and the receipt carry."""
+        return sha256_hex(self.prompt.encode("utf-8"))
 
     def reply_public_bytes(self) -> bytes:
         return b64decode(self.reply_pub)

@@ -29,7 +29,9 @@ GENESIS_HASH = "0" * 64
 # One trillion USD in micro-USD: far above any real amount, low enough that sums never lose precision.
 MAX_AMOUNT = 10**18
 Amount = Annotated[int, Field(ge=-MAX_AMOUNT, le=MAX_AMOUNT)]
-LedgerRef = Annotated[str, Field(max_length=200, pattern=r"^[A-Za-z0-9_.:#@/ -]*$")]
+# What an entry refers to: a run id, "code:<hash>", an operator's note. No quotes or formula characters.
+REF_PATTERN = r"^[A-Za-z0-9_.:#@/ -]{0,200}$"
+LedgerRef = Annotated[str, Field(pattern=REF_PATTERN)]
 
 
 class LedgerKind(StrEnum):

@@ -32,7 +32,7 @@ from pydantic import (
     model_validator,
 )
 
-from hivemind.canonical import _reject_floats, canonical_json, canonical_sha256
+from hivemind.canonical import canonical_json, canonical_sha256, refuse_floats
 from hivemind.encoding import b64decode, b64encode, sha256_hex
 from hivemind.envelope import RoomId, X25519PublicB64, b64url_bytes
 from hivemind.errors import (
@@ -67,16 +67,6 @@ MAX_TEXT_CHARS = 100_000
 Ed25519PublicB64 = Annotated[str, AfterValidator(b64url_bytes(32, 32, "an Ed25519 public key"))]
 Ed25519SignatureB64 = Annotated[str, AfterValidator(b64url_bytes(64, 64, "an Ed25519 signature"))]
 ProviderName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
-
-
-def refuse_floats(data: Any) -> Any:
-    """Body of a ``model_validator(mode="before")`` for signed documents: a float anywhere is refused.
-
-    Raises :class:`FloatInSignedDocument` (not a pydantic error), so ``120.0`` is never quietly read as
-    ``120`` into a document whose signature would then cover something other than what was sent.
-    """
-    _reject_floats(data, "")
-    return data
 
 
 def rules_digest(rules: str) -> str:
@@ -231,10 +221,10 @@ def verify_manifest(
             f"manifest hash mismatch: envelope says {signed.manifest_hash}, content is {computed}"
         )
 
-    public_key = Ed25519PublicKey.from_public_bytes(b64decode(manifest.owner_sign_pub))
     try:
+        public_key = Ed25519PublicKey.from_public_bytes(b64decode(manifest.owner_sign_pub))
         public_key.verify(b64decode(signed.signature), manifest.signing_bytes())
-    except InvalidSignature:
+    except (InvalidSignature, ValueError):
         raise SignatureError(
             f"manifest signature of room {manifest.room_id} does not verify under its owner_sign_pub"
         ) from None

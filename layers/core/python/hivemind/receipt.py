@@ -17,12 +17,12 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from hivemind.canonical import canonical_json
+from hivemind.canonical import canonical_json, refuse_floats
 from hivemind.encoding import b64decode, b64encode
 from hivemind.envelope import RoomId
 from hivemind.errors import InvalidInput, ReceiptError
 from hivemind.keys import public_bytes
-from hivemind.manifest import Ed25519PublicB64, Ed25519SignatureB64, refuse_floats
+from hivemind.manifest import Ed25519PublicB64, Ed25519SignatureB64
 from hivemind.models import Identifier, RunStatus, Sha256Hex, Stage, StageUsage, StrictModel, UnixSeconds
 
 RECEIPT_VERSION = 1

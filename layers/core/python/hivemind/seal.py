@@ -420,7 +420,9 @@ def _open_segment(
 ) -> None:
     """Verify and decrypt one chunk into ``out``, or wipe ``out`` and raise the precise SealError."""
     if len(segment) < TAG_SIZE:
-        raise SealError(f"sealed blob ends inside chunk {index}: truncated", code=TRUNCATED)
+        raise SealError(
+            f"sealed blob ends inside chunk {index}: truncated", code=TRUNCATED, details={"chunk": index}
+        )
     try:
         aead.decrypt_into(_nonce(index, last), segment, header, out)
         return
@@ -452,12 +454,12 @@ def _open_segment(
 def open_bytes(blob: BytesLike, *, key: bytes, context: SealContext) -> bytes:
     """Open an in-memory HMS1 blob; any defect raises :class:`SealError` and returns nothing."""
     sealed = memoryview(blob).cast("B")
-    chunk_size, salt = _parse_header(bytes(sealed[:HEADER_SIZE]))
     header = bytes(sealed[:HEADER_SIZE])
+    chunk_size, salt = _parse_header(header)
     aead = _derive_aead(key, salt, context)
     body = sealed[HEADER_SIZE:]
     if not body:
-        raise SealError("sealed blob ends after its header: no chunks, truncated", code=TRUNCATED)
+        raise _no_chunks()
     segment_size = chunk_size + TAG_SIZE
     starts = range(0, len(body), segment_size)
     # Every segment but the last is full; a last one shorter than a tag is refused before it is used.
@@ -477,6 +479,10 @@ def open_bytes(blob: BytesLike, *, key: bytes, context: SealContext) -> bytes:
         _wipe(out)
         raise
     return bytes(out)
+
+
+def _no_chunks() -> SealError:
+    return SealError("sealed blob ends after its header: no chunks, truncated", code=TRUNCATED)
 
 
 def _empty_last_chunk(index: int) -> SealError:
@@ -512,7 +518,7 @@ class _ChunkOpener:
         if self._current_len is None:
             self._current_len = _read_full(self._readinto, memoryview(self._current))
             if self._current_len == 0:
-                raise SealError("sealed blob ends after its header: no chunks, truncated", code=TRUNCATED)
+                raise _no_chunks()
         current_len = self._current_len
         # A full segment is the last one only if nothing follows it.
         following_len = (
@@ -592,7 +598,7 @@ class SealReader(io.RawIOBase):
     def readable(self) -> bool:
         return True
 
-    def readinto(self, buffer: BytesLike) -> int:
+    def readinto(self, buffer: bytearray | memoryview) -> int:
         out = memoryview(buffer).cast("B")
         filled = 0
         for piece in self._pieces(len(out)):

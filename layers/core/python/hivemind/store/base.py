@@ -15,13 +15,12 @@ from typing import Any, Generic, NoReturn, Self, TypeVar
 
 from boto3.dynamodb.types import Binary, TypeDeserializer, TypeSerializer
 from botocore.exceptions import BotoCoreError, ClientError
-from pydantic import BaseModel, ConfigDict
-
 from hivemind.canonical import canonical_json
 from hivemind.encoding import b64decode, b64encode
 from hivemind.errors import Conflict, InvalidInput, ServiceUnavailable, StoreError
 from hivemind.store.config import AwsClients
 from hivemind.store.schema import SCHEMA, TableRole
+from pydantic import BaseModel, ConfigDict
 
 Clock = Callable[[], int]
 

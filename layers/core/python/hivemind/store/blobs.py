@@ -17,12 +17,11 @@ from collections.abc import Iterator
 from typing import Any, BinaryIO, Literal
 
 from botocore.exceptions import BotoCoreError, ClientError
-from pydantic import Field
-
 from hivemind.errors import IntegrityError, InvalidInput, NotFound, PayloadTooLarge, StoreError
 from hivemind.models import Sha256Hex, StrictModel, UnixSeconds
 from hivemind.store.base import Clock, Record, raise_store_error
 from hivemind.store.config import AwsClients
+from pydantic import Field
 
 # A single S3 PUT carries at most 5 GiB; larger objects would need a multipart presigned flow.
 MAX_PRESIGNED_UPLOAD = 5 * 1024**3

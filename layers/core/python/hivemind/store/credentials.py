@@ -10,14 +10,13 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Self
 
-from pydantic import Field, model_validator
-
 from hivemind.errors import Conflict, Forbidden, Gone, InvalidInput, NotFound, Unauthenticated
 from hivemind.models import Budgets, Sha256Hex, UnixSeconds
 from hivemind.store.base import Clock, ConditionFailed, Page, Record, Table, TransactionCancelled, transact
 from hivemind.store.config import AwsClients
 from hivemind.store.schema import CREDENTIALS_BY_ROOM, CREDENTIALS_BY_TENANT, TableRole
 from hivemind.tokens import TokenKind
+from pydantic import Field, model_validator
 
 TokenId = str
 

@@ -191,8 +191,8 @@ SCHEMA = Schema(
             TableRole.ROOMS,
             KeyAttr("room_id"),
             KeyAttr("sk"),
-            # Sparse: only the manifest item carries owner_tenant_id.
-            indexes=(GlobalIndex(ROOMS_BY_TENANT, KeyAttr("owner_tenant_id"), KeyAttr("room_id")),),
+            # Sparse: only the manifest item carries tenant_id.
+            indexes=(GlobalIndex(ROOMS_BY_TENANT, KeyAttr("tenant_id"), KeyAttr("room_id")),),
             description="manifest (signed envelope, revision, status), wrap#<bearer>, item#<id>",
         ),
         TableSpec(

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import Field
-
 from hivemind.errors import NotFound
 from hivemind.models import UnixSeconds
 from hivemind.store.base import Clock, ConditionFailed, Page, Record, Table
 from hivemind.store.config import AwsClients
 from hivemind.store.schema import TableRole
+from pydantic import Field
 
 _PUBLIC_KEY = r"^[A-Za-z0-9_-]{43}$"  # 32 bytes, unpadded base64url
 
