@@ -43,8 +43,12 @@ class LedgerKind(StrEnum):
     ADJUSTMENT = "adjustment"
 
 
-def _check_kind_effects(kind: LedgerKind, amount: int, held_delta: int) -> str | None:
-    """Why ``amount``/``held_delta`` are impossible for ``kind``, or ``None`` if they are fine."""
+def effect_problem(kind: LedgerKind, amount: int, held_delta: int) -> str | None:
+    """Why ``amount``/``held_delta`` are impossible for ``kind``, or ``None`` if they are fine.
+
+    Grants and redemptions add, holds only hold, releases only release, charges only take, and
+    adjustments move the balance either way; nothing but holds and releases touches ``held``.
+    """
     if kind in (LedgerKind.CREDIT_GRANT, LedgerKind.CREDIT_CODE_REDEEM):
         ok = amount > 0 and held_delta == 0
         rule = "adds a positive amount and holds nothing"
@@ -80,7 +84,7 @@ class LedgerEntry(StrictModel):
 
     @model_validator(mode="after")
     def _kind_matches_effects(self) -> Self:
-        problem = _check_kind_effects(self.kind, self.amount, self.held_delta)
+        problem = effect_problem(self.kind, self.amount, self.held_delta)
         if problem is not None:
             raise ValueError(problem)
         return self
@@ -133,7 +137,7 @@ def next_entry(
     Raises :class:`LedgerError` if the entry is impossible for its kind or would make ``held`` negative
     (releasing more than is held is always a bookkeeping bug, never something to clamp).
     """
-    problem = _check_kind_effects(kind, amount, held_delta)
+    problem = effect_problem(kind, amount, held_delta)
     if problem is not None:
         raise LedgerError(problem, details={"tenant_id": account.tenant_id, "seq": account.last_seq + 1})
     held_after = account.held + held_delta
@@ -188,17 +192,23 @@ def verify_chain(entries: Iterable[LedgerEntry], account: Account | None = None)
         if tenant_id is None:
             tenant_id = entry.tenant_id
         if entry.tenant_id != tenant_id:
-            raise LedgerError(f"seq {entry.seq} belongs to tenant {entry.tenant_id}, not {tenant_id}", details=where)
+            raise LedgerError(
+                f"seq {entry.seq} belongs to tenant {entry.tenant_id}, not {tenant_id}", details=where
+            )
         if entry.seq != expected_seq:
             raise LedgerError(
                 f"tenant {tenant_id}: expected seq {expected_seq}, found seq {entry.seq} (gap or reordering)",
                 details=where,
             )
         if entry.prev_hash != prev_hash:
-            raise LedgerError(f"tenant {tenant_id} seq {entry.seq}: prev_hash does not link to seq "
-                              f"{entry.seq - 1}", details=where)
+            raise LedgerError(
+                f"tenant {tenant_id} seq {entry.seq}: prev_hash does not link to seq {entry.seq - 1}",
+                details=where,
+            )
         if entry_hash(entry.prev_hash, entry.hashed_fields()) != entry.hash:
-            raise LedgerError(f"tenant {tenant_id} seq {entry.seq}: hash does not match the entry", details=where)
+            raise LedgerError(
+                f"tenant {tenant_id} seq {entry.seq}: hash does not match the entry", details=where
+            )
         balance += entry.amount
         held += entry.held_delta
         if entry.balance_after != balance or entry.held_after != held:

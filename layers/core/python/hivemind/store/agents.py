@@ -10,13 +10,14 @@ from __future__ import annotations
 import re
 from enum import StrEnum
 
+from pydantic import Field
+
 from hivemind.errors import Conflict, IntegrityError, InvalidInput, NotFound
 from hivemind.models import Sha256Hex, UnixSeconds, Visibility
 from hivemind.store.base import Clock, ConditionFailed, Page, Record, Table
 from hivemind.store.blobs import StoredObject
 from hivemind.store.config import AwsClients
 from hivemind.store.schema import AGENTS_BY_TENANT, TableRole
-from pydantic import Field
 
 _IMAGE_DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 
@@ -72,7 +73,9 @@ class AgentRepository:
         if record is None:
             raise NotFound(f"no agent {agent_id}")
         if stored.key != record.source_key:
-            raise IntegrityError(f"agent {agent_id}: the verified object is not its source", code="upload_mismatch")
+            raise IntegrityError(
+                f"agent {agent_id}: the verified object is not its source", code="upload_mismatch"
+            )
         if record.state is AgentState.ACTIVE:
             if record.source_object == stored and record.file_digests == file_digests:
                 return record
@@ -88,7 +91,9 @@ class AgentRepository:
         )
         try:
             self._table.put(
-                committed.to_item(), condition="#state = :pending", names={"#state": "state"},
+                committed.to_item(),
+                condition="#state = :pending",
+                names={"#state": "state"},
                 values={":pending": AgentState.PENDING.value},
             )
         except ConditionFailed:
@@ -112,7 +117,9 @@ class AgentRepository:
             raise NotFound(f"no active agent {agent_id}") from None
         return AgentRecord.from_item(item)
 
-    def list_by_tenant(self, tenant_id: str, *, cursor: str | None = None, limit: int = 50) -> Page[AgentRecord]:
+    def list_by_tenant(
+        self, tenant_id: str, *, cursor: str | None = None, limit: int = 50
+    ) -> Page[AgentRecord]:
         items, next_cursor = self._table.query(
             index=AGENTS_BY_TENANT,
             key_condition="tenant_id = :tenant",

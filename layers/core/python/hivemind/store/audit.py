@@ -13,13 +13,14 @@ from collections.abc import Iterator
 from enum import StrEnum
 from typing import Any
 
+from pydantic import Field
+
 from hivemind.errors import IntegrityError, ServiceUnavailable
 from hivemind.ledger import GENESIS_HASH, entry_hash
 from hivemind.models import Sha256Hex, UnixSeconds
 from hivemind.store.base import Clock, ConditionFailed, Page, Record, Table
 from hivemind.store.config import AwsClients
 from hivemind.store.schema import TableRole
-from pydantic import Field
 
 _MAX_ATTEMPTS = 20
 
@@ -54,7 +55,9 @@ class AuditRepository:
         self._table = Table(clients, TableRole.AUDIT)
         self._clock = clock
 
-    def append(self, room_id: str, kind: AuditKind, *, actor: str, details: dict[str, Any] | None = None) -> AuditEntry:
+    def append(
+        self, room_id: str, kind: AuditKind, *, actor: str, details: dict[str, Any] | None = None
+    ) -> AuditEntry:
         """Append an event after the room's current head; concurrent appends retry on the next seq."""
         for attempt in range(_MAX_ATTEMPTS):
             head = self._head(room_id)
@@ -87,8 +90,9 @@ class AuditRepository:
         return Page[AuditEntry](items=[AuditEntry.from_item(item) for item in items], cursor=next_cursor)
 
     def entries(self, room_id: str) -> Iterator[AuditEntry]:
-        for item in self._table.query_all(key_condition="room_id = :room", values={":room": room_id},
-                                          scope={"room_id": room_id}):
+        for item in self._table.query_all(
+            key_condition="room_id = :room", values={":room": room_id}, scope={"room_id": room_id}
+        ):
             yield AuditEntry.from_item(item)
 
     def verify(self, room_id: str) -> int:
@@ -98,11 +102,20 @@ class AuditRepository:
         for entry in self.entries(room_id):
             where = {"room_id": room_id, "seq": entry.seq}
             if entry.seq != expected_seq:
-                raise IntegrityError(f"audit log of room {room_id}: expected seq {expected_seq}, found {entry.seq}",
-                                     code="audit_chain_invalid", details=where)
-            if entry.prev_hash != prev_hash or entry_hash(entry.prev_hash, entry.hashed_fields()) != entry.hash:
-                raise IntegrityError(f"audit log of room {room_id}: seq {entry.seq} does not verify",
-                                     code="audit_chain_invalid", details=where)
+                raise IntegrityError(
+                    f"audit log of room {room_id}: expected seq {expected_seq}, found {entry.seq}",
+                    code="audit_chain_invalid",
+                    details=where,
+                )
+            if (
+                entry.prev_hash != prev_hash
+                or entry_hash(entry.prev_hash, entry.hashed_fields()) != entry.hash
+            ):
+                raise IntegrityError(
+                    f"audit log of room {room_id}: seq {entry.seq} does not verify",
+                    code="audit_chain_invalid",
+                    details=where,
+                )
             prev_hash = entry.hash
             expected_seq += 1
         return expected_seq - 1

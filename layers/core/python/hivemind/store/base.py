@@ -15,12 +15,13 @@ from typing import Any, Generic, NoReturn, Self, TypeVar
 
 from boto3.dynamodb.types import Binary, TypeDeserializer, TypeSerializer
 from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import BaseModel, ConfigDict
+
 from hivemind.canonical import canonical_json
 from hivemind.encoding import b64decode, b64encode
 from hivemind.errors import Conflict, InvalidInput, ServiceUnavailable, StoreError
 from hivemind.store.config import AwsClients
 from hivemind.store.schema import SCHEMA, TableRole
-from pydantic import BaseModel, ConfigDict
 
 Clock = Callable[[], int]
 
@@ -191,7 +192,9 @@ class Table:
 
     def get(self, key: Mapping[str, Any], *, consistent: bool = True) -> dict[str, Any] | None:
         try:
-            response = self._client.get_item(TableName=self.name, Key=serialize(key), ConsistentRead=consistent)
+            response = self._client.get_item(
+                TableName=self.name, Key=serialize(key), ConsistentRead=consistent
+            )
         except (ClientError, BotoCoreError) as exc:
             raise_store_error(exc, f"read {self.role}")
         item = response.get("Item")
@@ -264,13 +267,13 @@ class Table:
                 try:
                     response = self._client.batch_write_item(RequestItems={self.name: pending})
                 except (ClientError, BotoCoreError) as exc:
-                    raise_store_error(exc, f"delete from {self.role}")
+                    raise_store_error(exc, f"remove items of {self.role}")
                 pending = response.get("UnprocessedItems", {}).get(self.name, [])
                 if not pending:
                     break
                 time.sleep(0.05 * 2**attempt)
             if pending:
-                raise ServiceUnavailable(f"delete from {self.role}: storage kept throttling; retry")
+                raise ServiceUnavailable(f"remove items of {self.role}: storage kept throttling; retry")
 
     def query(
         self,
@@ -319,7 +322,9 @@ class Table:
             if cursor is None:
                 return
 
-    def scan_page(self, *, limit: int = MAX_PAGE, cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+    def scan_page(
+        self, *, limit: int = MAX_PAGE, cursor: str | None = None
+    ) -> tuple[list[dict[str, Any]], str | None]:
         """One page of a full scan. Only for operator listings of small tables, never a request path."""
         request: dict[str, Any] = {"TableName": self.name, "Limit": max(1, min(limit, MAX_PAGE))}
         if cursor is not None:
@@ -429,4 +434,3 @@ def transact(clients: AwsClients, operations: list[dict[str, Any]], *, what: str
         raise_store_error(exc, what)
     except BotoCoreError as exc:
         raise_store_error(exc, what)
-

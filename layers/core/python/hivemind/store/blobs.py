@@ -17,11 +17,12 @@ from collections.abc import Iterator
 from typing import Any, BinaryIO, Literal
 
 from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import Field
+
 from hivemind.errors import IntegrityError, InvalidInput, NotFound, PayloadTooLarge, StoreError
 from hivemind.models import Sha256Hex, StrictModel, UnixSeconds
 from hivemind.store.base import Clock, Record, raise_store_error
 from hivemind.store.config import AwsClients
-from pydantic import Field
 
 # A single S3 PUT carries at most 5 GiB; larger objects would need a multipart presigned flow.
 MAX_PRESIGNED_UPLOAD = 5 * 1024**3
@@ -90,13 +91,17 @@ class BlobStore:
             expires_at=self._clock() + expires_in,
         )
 
-    def presign_get(self, key: str, *, version_id: str | None = None, expires_in: int = 300) -> PresignedDownload:
+    def presign_get(
+        self, key: str, *, version_id: str | None = None, expires_in: int = 300
+    ) -> PresignedDownload:
         """A GET URL, pinned to ``version_id`` when given (use the version recorded at commit)."""
         params: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         if version_id is not None:
             params["VersionId"] = version_id
         expires_in = _clamp_expiry(expires_in)
-        return PresignedDownload(url=self._presign("get_object", params, expires_in), expires_at=self._clock() + expires_in)
+        return PresignedDownload(
+            url=self._presign("get_object", params, expires_in), expires_at=self._clock() + expires_in
+        )
 
     def _presign(self, operation: str, params: dict[str, Any], expires_in: int) -> str:
         try:
@@ -118,14 +123,19 @@ class BlobStore:
             raise NotFound(f"nothing was uploaded to {key}", code="upload_missing")
         if head["ContentLength"] != size:
             raise IntegrityError(
-                f"upload {key} is {head['ContentLength']} bytes, {size} were declared", code="upload_size_mismatch"
+                f"upload {key} is {head['ContentLength']} bytes, {size} were declared",
+                code="upload_size_mismatch",
             )
         version_id = head.get("VersionId")
         digest, count = _hash_chunks(self.iter_chunks(key, version_id=version_id))
         if count != size:
-            raise IntegrityError(f"upload {key} is {count} bytes, {size} were declared", code="upload_size_mismatch")
+            raise IntegrityError(
+                f"upload {key} is {count} bytes, {size} were declared", code="upload_size_mismatch"
+            )
         if digest != sha256:
-            raise IntegrityError(f"upload {key} does not match its declared SHA-256", code="upload_checksum_mismatch")
+            raise IntegrityError(
+                f"upload {key} does not match its declared SHA-256", code="upload_checksum_mismatch"
+            )
         return StoredObject(key=key, size=size, sha256=digest, version_id=version_id)
 
     def exists(self, key: str) -> bool:
@@ -143,7 +153,9 @@ class BlobStore:
 
     # --- reads -----------------------------------------------------------------------------------
 
-    def iter_chunks(self, key: str, *, version_id: str | None = None, chunk_size: int = CHUNK_SIZE) -> Iterator[bytes]:
+    def iter_chunks(
+        self, key: str, *, version_id: str | None = None, chunk_size: int = CHUNK_SIZE
+    ) -> Iterator[bytes]:
         """The object's bytes in chunks of at most ``chunk_size``."""
         params: dict[str, Any] = {"Bucket": self.bucket, "Key": key}
         if version_id is not None:
@@ -183,35 +195,45 @@ class BlobStore:
             hasher.update(chunk)
             count += len(chunk)
             if count > stored.size:
-                raise IntegrityError(f"object {stored.key} is longer than recorded", code="object_size_mismatch")
+                raise IntegrityError(
+                    f"object {stored.key} is longer than recorded", code="object_size_mismatch"
+                )
             sink.write(chunk)
         if count != stored.size:
             raise IntegrityError(f"object {stored.key} is shorter than recorded", code="object_size_mismatch")
         if hasher.hexdigest() != stored.sha256:
-            raise IntegrityError(f"object {stored.key} does not match its recorded SHA-256",
-                                 code="object_checksum_mismatch")
+            raise IntegrityError(
+                f"object {stored.key} does not match its recorded SHA-256", code="object_checksum_mismatch"
+            )
 
     # --- writes ----------------------------------------------------------------------------------
 
-    def put_bytes(self, key: str, data: bytes, *, content_type: str = "application/octet-stream") -> StoredObject:
+    def put_bytes(
+        self, key: str, data: bytes, *, content_type: str = "application/octet-stream"
+    ) -> StoredObject:
         try:
             response = self._s3.put_object(Bucket=self.bucket, Key=key, Body=data, ContentType=content_type)
         except (ClientError, BotoCoreError) as exc:
             raise_store_error(exc, f"write {key}")
         return StoredObject(
-            key=key, size=len(data), sha256=hashlib.sha256(data).hexdigest(), version_id=response.get("VersionId")
+            key=key,
+            size=len(data),
+            sha256=hashlib.sha256(data).hexdigest(),
+            version_id=response.get("VersionId"),
         )
 
-    def put_stream(self, key: str, stream: BinaryIO, *, content_type: str = "application/octet-stream") -> StoredObject:
+    def put_stream(
+        self, key: str, stream: BinaryIO, *, content_type: str = "application/octet-stream"
+    ) -> StoredObject:
         """Upload ``stream`` to its end in parts, hashing as it goes; memory use is one part."""
         part = _read_part(stream)
         if len(part) < _PART_SIZE:
             return self.put_bytes(key, part, content_type=content_type)
         hasher = hashlib.sha256()
         size = 0
-        upload_id = self._call("create_multipart_upload", Bucket=self.bucket, Key=key, ContentType=content_type)[
-            "UploadId"
-        ]
+        upload_id = self._call(
+            "create_multipart_upload", Bucket=self.bucket, Key=key, ContentType=content_type
+        )["UploadId"]
         try:
             parts: list[dict[str, Any]] = []
             while part:
@@ -219,7 +241,12 @@ class BlobStore:
                 size += len(part)
                 number = len(parts) + 1
                 response = self._call(
-                    "upload_part", Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=part
+                    "upload_part",
+                    Bucket=self.bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=part,
                 )
                 parts.append({"ETag": response["ETag"], "PartNumber": number})
                 part = _read_part(stream)
@@ -234,7 +261,9 @@ class BlobStore:
             with contextlib.suppress(ClientError, BotoCoreError):
                 self._s3.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
             raise
-        return StoredObject(key=key, size=size, sha256=hasher.hexdigest(), version_id=completed.get("VersionId"))
+        return StoredObject(
+            key=key, size=size, sha256=hasher.hexdigest(), version_id=completed.get("VersionId")
+        )
 
     def delete_prefix(self, prefix: str) -> int:
         """Delete every version of every object under ``prefix`` (the bucket is versioned, so a plain
@@ -251,9 +280,13 @@ class BlobStore:
                 ]
                 for start in range(0, len(targets), _DELETE_BATCH):
                     batch = targets[start : start + _DELETE_BATCH]
-                    response = self._s3.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+                    response = self._s3.delete_objects(
+                        Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True}
+                    )
                     if response.get("Errors"):
-                        raise StoreError(f"delete {prefix}: {len(response['Errors'])} object versions were not deleted")
+                        raise StoreError(
+                            f"delete {prefix}: {len(response['Errors'])} object versions were not deleted"
+                        )
                     removed += len(batch)
         except (ClientError, BotoCoreError) as exc:
             raise_store_error(exc, f"delete {prefix}")

@@ -21,9 +21,10 @@ from urllib.parse import urlsplit
 
 import boto3
 from botocore.config import Config
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
 from hivemind.errors import InvalidInput, StoreError
 from hivemind.store.schema import PREFIX_PATTERN, SCHEMA, QueueRole, TableRole, resource_name
-from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 _REGION_PATTERN = r"^[a-z]{2}(-[a-z]+)+-\d$"
 

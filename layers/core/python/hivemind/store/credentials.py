@@ -10,13 +10,14 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Self
 
+from pydantic import Field, model_validator
+
 from hivemind.errors import Conflict, Forbidden, Gone, InvalidInput, NotFound, Unauthenticated
 from hivemind.models import Budgets, Sha256Hex, UnixSeconds
 from hivemind.store.base import Clock, ConditionFailed, Page, Record, Table, TransactionCancelled, transact
 from hivemind.store.config import AwsClients
 from hivemind.store.schema import CREDENTIALS_BY_ROOM, CREDENTIALS_BY_TENANT, TableRole
 from hivemind.tokens import TokenKind
-from pydantic import Field, model_validator
 
 TokenId = str
 
@@ -121,7 +122,8 @@ class CredentialRepository:
                 raise Unauthenticated("unknown key") from None
             _refuse_unusable(record, now)
             raise Forbidden(
-                f"invite {record.token_id} has used all {record.max_uses} of its uses", code="credential_exhausted"
+                f"invite {record.token_id} has used all {record.max_uses} of its uses",
+                code="credential_exhausted",
             ) from None
         return CredentialRecord.from_item(item)
 
@@ -184,15 +186,21 @@ class CredentialRepository:
         )
         return CredentialRecord.from_item(items[0]) if items else None
 
-    def list_by_tenant(self, tenant_id: str, *, cursor: str | None = None, limit: int = 50) -> Page[CredentialRecord]:
+    def list_by_tenant(
+        self, tenant_id: str, *, cursor: str | None = None, limit: int = 50
+    ) -> Page[CredentialRecord]:
         """Keys and invites issued by ``tenant_id``."""
         return self._page(CREDENTIALS_BY_TENANT, "tenant_id", tenant_id, cursor, limit)
 
-    def list_by_room(self, room_id: str, *, cursor: str | None = None, limit: int = 50) -> Page[CredentialRecord]:
+    def list_by_room(
+        self, room_id: str, *, cursor: str | None = None, limit: int = 50
+    ) -> Page[CredentialRecord]:
         """Every invite of ``room_id`` (including revoked ones, which say so)."""
         return self._page(CREDENTIALS_BY_ROOM, "room_id", room_id, cursor, limit)
 
-    def _page(self, index: str, attribute: str, value: str, cursor: str | None, limit: int) -> Page[CredentialRecord]:
+    def _page(
+        self, index: str, attribute: str, value: str, cursor: str | None, limit: int
+    ) -> Page[CredentialRecord]:
         items, next_cursor = self._table.query(
             index=index,
             key_condition="#pk = :value",
@@ -202,5 +210,6 @@ class CredentialRepository:
             cursor=cursor,
             limit=limit,
         )
-        return Page[CredentialRecord](items=[CredentialRecord.from_item(item) for item in items], cursor=next_cursor)
-
+        return Page[CredentialRecord](
+            items=[CredentialRecord.from_item(item) for item in items], cursor=next_cursor
+        )

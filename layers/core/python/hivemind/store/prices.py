@@ -9,12 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
+from pydantic import Field
+
 from hivemind.errors import InvalidInput, ServiceUnavailable
 from hivemind.models import StrictModel, UnixSeconds
 from hivemind.store.base import Clock, Record, Table
 from hivemind.store.config import AwsClients
 from hivemind.store.schema import TableRole
-from pydantic import Field
 
 # The runner fee lives in the same table under a reserved key no LLM provider can take.
 _FEE_PROVIDER = "#runner"
@@ -35,8 +36,10 @@ class TokenPrice(Record):
         """micro-USD for this many tokens, rounded up."""
         if prompt_tokens < 0 or completion_tokens < 0:
             raise InvalidInput("token counts are never negative")
-        return _ceil_div(prompt_tokens * self.prompt_per_million + completion_tokens * self.completion_per_million,
-                         _PER_MILLION)
+        return _ceil_div(
+            prompt_tokens * self.prompt_per_million + completion_tokens * self.completion_per_million,
+            _PER_MILLION,
+        )
 
 
 class RunnerFee(Record):
@@ -68,7 +71,13 @@ class PriceRepository:
         self._clock = clock
 
     def set_price(
-        self, provider: str, model: str, *, prompt_per_million: int, completion_per_million: int, updated_by: str
+        self,
+        provider: str,
+        model: str,
+        *,
+        prompt_per_million: int,
+        completion_per_million: int,
+        updated_by: str,
     ) -> TokenPrice:
         price = TokenPrice(
             provider=provider,
@@ -94,9 +103,13 @@ class PriceRepository:
         """Every priced model of ``provider``; none at all is ``price_missing``."""
         if provider == _FEE_PROVIDER:
             raise _missing(provider)
-        items = list(self._table.query_all(
-            key_condition="provider = :provider", values={":provider": provider}, scope={"provider": provider}
-        ))
+        items = list(
+            self._table.query_all(
+                key_condition="provider = :provider",
+                values={":provider": provider},
+                scope={"provider": provider},
+            )
+        )
         if not items:
             raise _missing(f"any model of {provider}")
         return [TokenPrice.from_item(item) for item in items]
@@ -141,5 +154,7 @@ class PriceRepository:
             raise InvalidInput("runner time is never negative")
         total = self.runner_fee().per_second * runner_seconds
         for line in usage:
-            total += self.get_price(line.provider, line.model).cost(line.prompt_tokens, line.completion_tokens)
+            total += self.get_price(line.provider, line.model).cost(
+                line.prompt_tokens, line.completion_tokens
+            )
         return total

@@ -14,13 +14,14 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
+from pydantic import Field
+
 from hivemind.errors import Conflict, Gone, IntegrityError, NotFound, RevisionRollback
 from hivemind.models import Sha256Hex, UnixSeconds
 from hivemind.store.base import Clock, ConditionFailed, Page, Record, Table, TransactionCancelled, transact
 from hivemind.store.blobs import StoredObject
 from hivemind.store.config import AwsClients
 from hivemind.store.schema import ROOMS_BY_TENANT, TableRole
-from pydantic import Field
 
 MANIFEST_SK = "manifest"
 WRAP_PREFIX = "wrap#"
@@ -110,7 +111,9 @@ class RoomRepository:
         try:
             item = self._table.update(
                 {"room_id": room_id, "sk": MANIFEST_SK},
-                update="SET envelope = :envelope, manifest_hash = :hash, revision = :revision, updated_at = :now",
+                update=(
+                    "SET envelope = :envelope, manifest_hash = :hash, revision = :revision, updated_at = :now"
+                ),
                 condition="#status = :active AND revision < :revision",
                 names={"#status": "status"},
                 values={
@@ -156,7 +159,11 @@ class RoomRepository:
                 update="SET #status = :deleted, deleted_at = :now, updated_at = :now REMOVE envelope",
                 condition="#status = :active",
                 names={"#status": "status"},
-                values={":deleted": RoomStatus.DELETED.value, ":active": RoomStatus.ACTIVE.value, ":now": now},
+                values={
+                    ":deleted": RoomStatus.DELETED.value,
+                    ":active": RoomStatus.ACTIVE.value,
+                    ":now": now,
+                },
             )
             tombstone = RoomRecord.from_item(item)
         except ConditionFailed:
@@ -217,8 +224,9 @@ class RoomRepository:
         if item is None:
             raise NotFound(f"no item {item_id} in room {room_id}")
         if (stored.key, stored.size, stored.sha256) != (item.s3_key, item.size, item.sha256):
-            raise IntegrityError(f"item {item_id}: the verified object is not the declared one",
-                                 code="upload_mismatch")
+            raise IntegrityError(
+                f"item {item_id}: the verified object is not the declared one", code="upload_mismatch"
+            )
         if item.state is ItemState.COMMITTED:
             if item.version_id == stored.version_id:
                 return item

@@ -9,12 +9,13 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
+from pydantic import Field
+
 from hivemind.errors import InvalidInput, NotFound
 from hivemind.models import TeeKind, UnixSeconds
 from hivemind.store.base import Clock, ConditionFailed, Record, Table
 from hivemind.store.config import AwsClients
 from hivemind.store.schema import RUNNERS_BY_HEARTBEAT, TableRole
-from pydantic import Field
 
 # Every runner item carries this constant so one index lists the whole fleet ordered by heartbeat.
 _FLEET = "runners"
@@ -53,8 +54,12 @@ class RunnerRepository:
         return self._update(runner_id, "SET heartbeat_at = :now", {})
 
     def set_status(self, runner_id: str, status: RunnerStatus) -> RunnerRecord:
-        return self._update(runner_id, "SET #status = :status, heartbeat_at = :now", {":status": status.value},
-                            names={"#status": "status"})
+        return self._update(
+            runner_id,
+            "SET #status = :status, heartbeat_at = :now",
+            {":status": status.value},
+            names={"#status": "status"},
+        )
 
     def get(self, runner_id: str) -> RunnerRecord | None:
         item = self._table.get({"runner_id": runner_id})
@@ -67,7 +72,11 @@ class RunnerRepository:
         items = self._table.query_all(
             index=RUNNERS_BY_HEARTBEAT,
             key_condition="fleet = :fleet AND heartbeat_at >= :since",
-            values={":fleet": _FLEET, ":since": self._clock() - max_age_s, ":active": RunnerStatus.ACTIVE.value},
+            values={
+                ":fleet": _FLEET,
+                ":since": self._clock() - max_age_s,
+                ":active": RunnerStatus.ACTIVE.value,
+            },
             names={"#status": "status"},
             filter_expression="#status = :active",
             scope={"fleet": _FLEET},

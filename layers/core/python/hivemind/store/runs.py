@@ -11,12 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
+from pydantic import Field
+
 from hivemind.errors import Conflict, InvalidInput, NotFound
 from hivemind.models import Budgets, RunStatus, Sha256Hex, Stage, StageUsage, StrictModel, UnixSeconds
 from hivemind.store.base import Clock, ConditionFailed, Page, Record, Table
 from hivemind.store.config import AwsClients
 from hivemind.store.schema import RUNS_BY_CALLER, RUNS_BY_ROOM, RUNS_OPEN, TableRole
-from pydantic import Field
 
 _SOURCES: dict[RunStatus, tuple[RunStatus, ...]] = {
     RunStatus.RUNNING: (RunStatus.PENDING, RunStatus.RUNNING),
@@ -78,7 +79,9 @@ class RunRepository:
     def create(self, record: RunRecord) -> RunRecord:
         if record.status is not RunStatus.PENDING:
             raise InvalidInput("a new run is pending")
-        self._table.put_new({**record.to_item(), "open_status": RunStatus.PENDING.value}, what=f"run {record.run_id}")
+        self._table.put_new(
+            {**record.to_item(), "open_status": RunStatus.PENDING.value}, what=f"run {record.run_id}"
+        )
         return record
 
     def get(self, run_id: str) -> RunRecord | None:
@@ -99,8 +102,9 @@ class RunRepository:
             item = self._table.update(
                 {"run_id": run_id},
                 update=(
-                    "SET #status = :running, open_status = :running, runner_id = :runner, attempts = attempts + :one,"
-                    " started_at = if_not_exists(started_at, :now), updated_at = :now REMOVE stage"
+                    "SET #status = :running, open_status = :running, runner_id = :runner,"
+                    " attempts = attempts + :one, started_at = if_not_exists(started_at, :now),"
+                    " updated_at = :now REMOVE stage"
                 ),
                 condition="#status IN (:pending, :running)",
                 names={"#status": "status"},
@@ -134,7 +138,9 @@ class RunRepository:
             )
         except ConditionFailed:
             self.require(run_id)
-            raise Conflict(f"run {run_id} is no longer running on {runner_id}", code="run_not_owned") from None
+            raise Conflict(
+                f"run {run_id} is no longer running on {runner_id}", code="run_not_owned"
+            ) from None
         return RunRecord.from_item(item)
 
     def finish(self, run_id: str, status: RunStatus, result: RunResult) -> RunTransition:
@@ -177,7 +183,9 @@ class RunRepository:
         """The room's runs, newest first."""
         return self._page(RUNS_BY_ROOM, "room_id", room_id, cursor, limit)
 
-    def list_by_caller(self, caller_id: str, *, cursor: str | None = None, limit: int = 50) -> Page[RunRecord]:
+    def list_by_caller(
+        self, caller_id: str, *, cursor: str | None = None, limit: int = 50
+    ) -> Page[RunRecord]:
         """One caller's runs, newest first."""
         return self._page(RUNS_BY_CALLER, "caller_id", caller_id, cursor, limit)
 
@@ -194,7 +202,9 @@ class RunRepository:
         )
         return [RunRecord.from_item(item) for item in items]
 
-    def _page(self, index: str, attribute: str, value: str, cursor: str | None, limit: int) -> Page[RunRecord]:
+    def _page(
+        self, index: str, attribute: str, value: str, cursor: str | None, limit: int
+    ) -> Page[RunRecord]:
         items, next_cursor = self._table.query(
             index=index,
             key_condition="#pk = :value",

@@ -226,7 +226,9 @@ SCHEMA = Schema(
             indexes=(GlobalIndex(LEDGER_BY_DAY, KeyAttr("day"), KeyAttr("created_at", _N)),),
             description="append-only hash-chained billing entries per tenant",
         ),
-        TableSpec(TableRole.CREDIT_CODES, KeyAttr("code_hash"), description="prepaid credit codes (hash only)"),
+        TableSpec(
+            TableRole.CREDIT_CODES, KeyAttr("code_hash"), description="prepaid credit codes (hash only)"
+        ),
         TableSpec(
             TableRole.PRICES,
             KeyAttr("provider"),
@@ -267,8 +269,12 @@ SCHEMA = Schema(
         lifecycle=(LifecycleRule("expire-run-objects", "runs/", RUN_OBJECTS_TTL_DAYS),),
     ),
     queues=(
-        QueueSpec(QueueRole.RUNS_DLQ, visibility_timeout_s=60, retention_s=14 * _DAY_S,
-                  description="runs that failed every delivery; the janitor marks them failed"),
+        QueueSpec(
+            QueueRole.RUNS_DLQ,
+            visibility_timeout_s=60,
+            retention_s=14 * _DAY_S,
+            description="runs that failed every delivery; the janitor marks them failed",
+        ),
         QueueSpec(
             QueueRole.RUNS,
             visibility_timeout_s=RUNS_VISIBILITY_TIMEOUT_S,
@@ -277,8 +283,12 @@ SCHEMA = Schema(
             max_receive_count=RUNS_MAX_RECEIVE_COUNT,
             description="run ids for the runners",
         ),
-        QueueSpec(QueueRole.SETTLEMENTS_DLQ, visibility_timeout_s=60, retention_s=14 * _DAY_S,
-                  description="settlements that kept failing; operators replay them"),
+        QueueSpec(
+            QueueRole.SETTLEMENTS_DLQ,
+            visibility_timeout_s=60,
+            retention_s=14 * _DAY_S,
+            description="settlements that kept failing; operators replay them",
+        ),
         QueueSpec(
             QueueRole.SETTLEMENTS,
             visibility_timeout_s=120,

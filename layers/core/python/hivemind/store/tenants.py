@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from enum import StrEnum
 
+from pydantic import Field
+
 from hivemind.errors import NotFound
 from hivemind.models import UnixSeconds
 from hivemind.store.base import Clock, ConditionFailed, Page, Record, Table
 from hivemind.store.config import AwsClients
 from hivemind.store.schema import TableRole
-from pydantic import Field
 
 _PUBLIC_KEY = r"^[A-Za-z0-9_-]{43}$"  # 32 bytes, unpadded base64url
 
@@ -49,13 +50,21 @@ class TenantRepository:
         return record
 
     def set_status(self, tenant_id: str, status: TenantStatus) -> TenantRecord:
-        return self._update(tenant_id, "SET #status = :status, updated_at = :now", {":status": status.value},
-                            names={"#status": "status"})
+        return self._update(
+            tenant_id,
+            "SET #status = :status, updated_at = :now",
+            {":status": status.value},
+            names={"#status": "status"},
+        )
 
     def set_public_keys(self, tenant_id: str, *, owner_sign_pub: str, owner_box_pub: str) -> TenantRecord:
         """Record the public keys of a rotated tenant key (the auth hash swap is in credentials)."""
         checked = TenantRecord.model_validate(
-            {**self.require(tenant_id).model_dump(), "owner_sign_pub": owner_sign_pub, "owner_box_pub": owner_box_pub}
+            {
+                **self.require(tenant_id).model_dump(),
+                "owner_sign_pub": owner_sign_pub,
+                "owner_box_pub": owner_box_pub,
+            }
         )
         return self._update(
             tenant_id,
