@@ -213,3 +213,9 @@ class CollateralUnavailable(QuoteVerificationError):
     """No usable DCAP collateral (TCB info, QE identity, CRLs) could be fetched or read from the cache."""
 
     code = "collateral_unavailable"
+
+
+class InvalidArchive(InvalidInput):
+    """An agent archive (or directory) that is unsafe or malformed: the message names the member."""
+
+    code = "invalid_archive"

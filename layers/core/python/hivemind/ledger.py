@@ -29,6 +29,7 @@ GENESIS_HASH = "0" * 64
 # One trillion USD in micro-USD: far above any real amount, low enough that sums never lose precision.
 MAX_AMOUNT = 10**18
 Amount = Annotated[int, Field(ge=-MAX_AMOUNT, le=MAX_AMOUNT)]
+HeldAmount = Annotated[int, Field(ge=0, le=MAX_AMOUNT)]
 # What an entry refers to: a run id, "code:<hash>", an operator's note. No quotes or formula characters.
 REF_PATTERN = r"^[A-Za-z0-9_.:#@/ -]{0,200}$"
 LedgerRef = Annotated[str, Field(pattern=REF_PATTERN)]
@@ -77,7 +78,7 @@ class LedgerEntry(StrictModel):
     held_delta: Amount
     ref: LedgerRef
     balance_after: Amount
-    held_after: Amount = Field(ge=0)
+    held_after: HeldAmount
     created_at: UnixSeconds
     prev_hash: Sha256Hex
     hash: Sha256Hex
@@ -99,7 +100,7 @@ class Account(StrictModel):
 
     tenant_id: str = Field(min_length=1, max_length=80)
     balance: Amount = 0
-    held: Amount = Field(default=0, ge=0)
+    held: HeldAmount = 0
     last_seq: int = Field(default=0, ge=0)
     last_hash: Sha256Hex = GENESIS_HASH
     updated_at: UnixSeconds = 0

@@ -5,10 +5,11 @@ optional row filter per table written in a small SQL predicate grammar, aggregat
 which document items pass and what is redacted from them, and deny/redact patterns for the output.
 
 Everything a policy carries is checked when it is parsed: identifiers are normalized names, row
-filters parse with sqlglot into an allow-listed predicate grammar that can reference only the table's
-own listed columns, and regexes compile, are short, and avoid backtracking constructs that are cheap
-to recognise as catastrophic. :func:`parse_policy` is the boundary: it turns any failure into
-:class:`hivemind.errors.InvalidPolicy` with the JSON path of the offending value.
+filters parse with sqlglot into an allow-listed predicate grammar that can reference only bare column
+names of their own table (listed or hidden: the runner filters before it projects), and regexes
+compile, are short, and avoid backtracking constructs that are cheap to recognise as catastrophic.
+:func:`parse_policy` is the boundary: it turns any failure into :class:`hivemind.errors.InvalidPolicy`
+with the JSON path of the offending value.
 
 The query stage never receives a policy: it gets :func:`public_view` (tables, columns, aggregation
 rules, row cap), never the row filters or the redaction lists (§16.5).
@@ -32,7 +33,6 @@ from pydantic import (
     StrictInt,
     Tag,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -207,11 +207,18 @@ def _describe(node: exp.Expression) -> str:
     return f"{node.key.upper()} ({node.sql(dialect='sqlite')[:60]})"
 
 
-class _PredicateChecker:
-    """Walks a parsed predicate and refuses anything outside the grammar in docs/policy.md."""
+_COLUMN_NAME = re.compile(rf"[a-z0-9_]{{1,{MAX_NAME_LENGTH}}}")
 
-    def __init__(self, columns: frozenset[str]):
-        self.columns = columns
+
+class _PredicateChecker:
+    """Walks a parsed predicate and refuses anything outside the grammar in docs/policy.md.
+
+    It records the column names the predicate references; whether they exist is a question about
+    the room's data, answered by :func:`check_against_schema`.
+    """
+
+    def __init__(self) -> None:
+        self.columns: set[str] = set()
 
     def _args(self, node: exp.Expression) -> None:
         allowed = _ALLOWED_ARGS.get(type(node))
@@ -297,10 +304,12 @@ class _PredicateChecker:
         if not isinstance(identifier, exp.Identifier):
             raise ValueError(f"{_describe(node)} is not a plain column reference")
         self._args(identifier)
-        if identifier.name not in self.columns:
+        if not _COLUMN_NAME.fullmatch(identifier.name):
             raise ValueError(
-                f"unknown column {identifier.name!r}: a row filter may use only the listed columns"
+                f"column {identifier.name!r} is not a normalized name: columns are lowercase ASCII "
+                f"letters, digits and underscores, at most {MAX_NAME_LENGTH} characters"
             )
+        self.columns.add(identifier.name)
 
 
 _PREFIX_OPERATORS = frozenset({TokenType.NOT, TokenType.DASH, TokenType.PLUS, TokenType.TILDE})
@@ -314,7 +323,8 @@ def _parse_error_text(exc: SqlglotError) -> str:
     return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
 
 
-def _parse_predicate(where: str, columns: frozenset[str]) -> exp.Expression:
+def _parse_predicate(where: str) -> tuple[exp.Expression, frozenset[str]]:
+    """The checked syntax tree of a row filter and the column names it references."""
     if not where.strip():
         raise ValueError("empty row filter (use null for no filter)")
     if len(where) > MAX_PREDICATE_LENGTH:
@@ -345,8 +355,9 @@ def _parse_predicate(where: str, columns: frozenset[str]) -> exp.Expression:
         raise ValueError("row filter is nested too deeply") from None
     if sum(1 for _ in tree.walk()) > MAX_PREDICATE_NODES:
         raise ValueError(f"row filter has more than {MAX_PREDICATE_NODES} syntax nodes")
-    _PredicateChecker(columns).predicate(tree)
-    return tree
+    checker = _PredicateChecker()
+    checker.predicate(tree)
+    return tree, frozenset(checker.columns)
 
 
 def _normalized_sql(tree: exp.Expression) -> str:
@@ -367,7 +378,11 @@ def _conjuncts(tree: exp.Expression) -> list[exp.Expression]:
 
 
 class TablePolicy(StrictModel):
-    """One visible table: its visible columns (explicit, no wildcard) and an optional row filter."""
+    """One visible table: its visible columns (explicit, no wildcard) and an optional row filter.
+
+    The row filter may use any column of the table, including columns not in ``columns``: the runner
+    applies it before projecting, so the query stage sees neither the filter nor a hidden column.
+    """
 
     columns: tuple[Name, ...] = Field(min_length=1, max_length=MAX_COLUMNS)
     where: str | None = None
@@ -380,13 +395,9 @@ class TablePolicy(StrictModel):
 
     @field_validator("where")
     @classmethod
-    def _restricted_predicate(cls, where: str | None, info: ValidationInfo) -> str | None:
-        if where is None:
-            return None
-        columns = info.data.get("columns")
-        if columns is None:  # columns failed validation; that error is already reported
-            return where
-        _parse_predicate(where, frozenset(columns))
+    def _restricted_predicate(cls, where: str | None) -> str | None:
+        if where is not None:
+            _parse_predicate(where)
         return where
 
     def where_sql(self) -> str | None:
@@ -397,13 +408,19 @@ class TablePolicy(StrictModel):
         """
         if self.where is None:
             return None
-        return _normalized_sql(_parse_predicate(self.where, frozenset(self.columns)))
+        return _normalized_sql(_parse_predicate(self.where)[0])
+
+    def where_columns(self) -> frozenset[str]:
+        """Every column name the row filter references (empty without a filter); some may be hidden."""
+        if self.where is None:
+            return frozenset()
+        return _parse_predicate(self.where)[1]
 
     def where_conjuncts(self) -> frozenset[str]:
         """Normalized SQL of each top-level AND operand of the row filter (empty without a filter)."""
         if self.where is None:
             return frozenset()
-        tree = _parse_predicate(self.where, frozenset(self.columns))
+        tree = _parse_predicate(self.where)[0]
         return frozenset(_normalized_sql(part) for part in _conjuncts(tree))
 
 
@@ -590,13 +607,19 @@ def most_restrictive_policy(schema: Mapping[str, Sequence[str]] | None = None) -
 
 
 def check_against_schema(policy: ScopePolicy, schema: Mapping[str, Sequence[str]]) -> None:
-    """Refuse a policy naming a table or column the room's data does not have (the run fails closed)."""
+    """Refuse a policy naming a table or column the room's data does not have (the run fails closed).
+
+    Both the listed columns and every column a row filter references must exist in ``schema``.
+    """
     for table, table_policy in policy.tables.items():
         if table not in schema:
             raise InvalidPolicy(f"tables.{table}: no such table in the room data")
         missing = [column for column in table_policy.columns if column not in schema[table]]
         if missing:
             raise InvalidPolicy(f"tables.{table}.columns: no such column(s) {', '.join(missing)}")
+        missing = sorted(column for column in table_policy.where_columns() if column not in schema[table])
+        if missing:
+            raise InvalidPolicy(f"tables.{table}.where: no such column(s) {', '.join(missing)}")
 
 
 # --- narrowing -----------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator, Mapping
 from decimal import Decimal
 from typing import Any, Generic, NoReturn, Self, TypeVar
 
-from boto3.dynamodb.types import Binary, TypeDeserializer, TypeSerializer
+from boto3.dynamodb.types import TypeDeserializer, TypeSerializer
 from botocore.exceptions import BotoCoreError, ClientError
 from pydantic import BaseModel, ConfigDict
 
@@ -53,7 +53,11 @@ T = TypeVar("T")
 
 
 class Page(BaseModel, Generic[T]):
-    """One page of a listing; pass ``cursor`` back to get the next page (``None``: no more)."""
+    """One page of a listing; pass ``cursor`` back to get the next page (``None``: no more).
+
+    A filtered listing may return fewer items than asked for, even none, while more remain: only a
+    ``None`` cursor means the end.
+    """
 
     items: list[T]
     cursor: str | None = None
@@ -74,10 +78,6 @@ def _plain(value: Any) -> Any:
         return {key: _plain(item) for key, item in value.items()}
     if isinstance(value, list):
         return [_plain(item) for item in value]
-    if isinstance(value, set):
-        return sorted(_plain(item) for item in value)
-    if isinstance(value, Binary):
-        return bytes(value)
     return value
 
 

@@ -37,6 +37,7 @@ from hivemind.errors import (
     Gone,
     InsufficientCredit,
     InvalidInput,
+    LedgerError,
     NotFound,
     ServiceUnavailable,
 )
@@ -154,9 +155,7 @@ class BillingRepository:
         item = self._accounts.get({"tenant_id": tenant_id})
         if item is None:
             return Account(tenant_id=tenant_id)
-        return Account.model_validate(
-            {key: value for key, value in item.items() if key in Account.model_fields}
-        )
+        return _account_from_item(item)
 
     def apply(
         self,
@@ -207,27 +206,45 @@ class BillingRepository:
         )
         return Page[LedgerEntry](items=[_entry_from_item(item) for item in items], cursor=next_cursor)
 
-    def entries(self, tenant_id: str) -> Iterator[LedgerEntry]:
-        """The tenant's whole chain in seq order."""
+    def entries(self, tenant_id: str, *, up_to_seq: int | None = None) -> Iterator[LedgerEntry]:
+        """The tenant's chain in seq order (up to and including ``up_to_seq`` when given)."""
+        key_condition = "tenant_id = :tenant"
+        values: dict[str, Any] = {":tenant": tenant_id}
+        if up_to_seq is not None:
+            key_condition += " AND seq <= :head"
+            values[":head"] = up_to_seq
         for item in self._ledger.query_all(
-            key_condition="tenant_id = :tenant", values={":tenant": tenant_id}, scope={"tenant_id": tenant_id}
+            key_condition=key_condition, values=values, scope={"tenant_id": tenant_id}
         ):
             yield _entry_from_item(item)
 
     def verify(self, tenant_id: str) -> int:
         """Recompute the tenant's chain and balances against its account; returns the entry count."""
-        return verify_chain(self.entries(tenant_id), self.account(tenant_id))
+        return self._verify_account(self.account(tenant_id))
+
+    def _verify_account(self, account: Account) -> int:
+        # The account is read first and the chain up to its head, so appends made meanwhile do not
+        # disturb the snapshot. An entry past the head that the account still does not know about
+        # afterwards was not written by a transaction: that is tampering, not a race.
+        count = verify_chain(self.entries(account.tenant_id, up_to_seq=account.last_seq), account)
+        beyond, _ = self._ledger.query(
+            key_condition="tenant_id = :tenant AND seq > :head",
+            values={":tenant": account.tenant_id, ":head": account.last_seq},
+            scope={"tenant_id": account.tenant_id},
+            limit=1,
+        )
+        if beyond and self.account(account.tenant_id).last_seq < beyond[0]["seq"]:
+            raise LedgerError(
+                f"tenant {account.tenant_id}: seq {beyond[0]['seq']} lies beyond the account head",
+                details={"tenant_id": account.tenant_id, "seq": beyond[0]["seq"]},
+            )
+        return count
 
     def list_accounts(self, *, cursor: str | None = None, limit: int = 100) -> Page[Account]:
         """Operator listing of every account (a paginated scan; not a request path)."""
         items, next_cursor = self._accounts.scan_page(cursor=cursor, limit=limit)
         return Page[Account](
-            items=[
-                Account.model_validate(
-                    {key: value for key, value in item.items() if key in Account.model_fields}
-                )
-                for item in items
-            ],
+            items=[_account_from_item(item) for item in items],
             cursor=next_cursor,
         )
 
@@ -238,7 +255,7 @@ class BillingRepository:
         while True:
             page = self.list_accounts(cursor=cursor)
             for account in page.items:
-                counts[account.tenant_id] = verify_chain(self.entries(account.tenant_id), account)
+                counts[account.tenant_id] = self._verify_account(account)
             if page.cursor is None:
                 return counts
             cursor = page.cursor
@@ -327,11 +344,15 @@ class BillingRepository:
 
         try:
             entries = self._commit(hold.tenant_id, changes, extra=close)
-        except _MarkerConditionFailed:
+        except (_MarkerConditionFailed, LedgerError) as exc:
+            # A concurrent settle of the same run won: its marker condition stopped this transaction,
+            # or its release already emptied ``held`` before this attempt could be built.
             settled = self.get_hold(run_id)
-            if settled is None or settled.state is not HoldState.SETTLED:
-                raise Conflict(f"run {run_id}: hold changed while settling; retry") from None
-            return Settlement(hold=settled, applied=False)
+            if settled is not None and settled.state is HoldState.SETTLED:
+                return Settlement(hold=settled, applied=False)
+            if isinstance(exc, LedgerError):
+                raise
+            raise Conflict(f"run {run_id}: hold changed while settling; retry") from None
         settled_hold = hold.model_copy(
             update={
                 "state": HoldState.SETTLED,
@@ -582,6 +603,10 @@ class BillingRepository:
 
 def _run_marker(run_id: str) -> str:
     return f"run#{run_id}"
+
+
+def _account_from_item(item: dict[str, Any]) -> Account:
+    return Account.model_validate({key: value for key, value in item.items() if key in Account.model_fields})
 
 
 def _entry_from_item(item: dict[str, Any]) -> LedgerEntry:

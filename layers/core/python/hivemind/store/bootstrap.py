@@ -8,6 +8,7 @@ alone; an existing table whose keys differ from the schema is an error, not sile
 from __future__ import annotations
 
 import json
+import time
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
@@ -16,6 +17,8 @@ from hivemind.errors import StoreError
 from hivemind.store.base import raise_store_error
 from hivemind.store.config import AwsClients, StoreConfig
 from hivemind.store.schema import SCHEMA, TableSpec, bucket_tls_policy
+
+_TABLE_WAIT_ATTEMPTS = 300
 
 
 def create_all(target: AwsClients | StoreConfig) -> AwsClients:
@@ -64,17 +67,20 @@ def _ensure_table(clients: AwsClients, spec: TableSpec) -> None:
     if indexes:
         request["GlobalSecondaryIndexes"] = indexes
     try:
-        ddb.create_table(**request)
+        described = ddb.create_table(**request)["TableDescription"]
+        created = True
     except ClientError as exc:
         if exc.response.get("Error", {}).get("Code") != "ResourceInUseException":
             raise
-    ddb.get_waiter("table_exists").wait(TableName=name, WaiterConfig={"Delay": 1, "MaxAttempts": 120})
-    described = ddb.describe_table(TableName=name)["Table"]
+        described = ddb.describe_table(TableName=name)["Table"]
+        created = False
+    if described["TableStatus"] != "ACTIVE":
+        described = _wait_active(ddb, name)
     existing_indexes = {index["IndexName"] for index in described.get("GlobalSecondaryIndexes", [])}
     if described["KeySchema"] != key_schema or existing_indexes != {index.name for index in spec.indexes}:
         raise StoreError(f"table {name} exists with keys or indexes that differ from the schema")
     if spec.ttl_attribute is not None:
-        ttl = ddb.describe_time_to_live(TableName=name)["TimeToLiveDescription"]
+        ttl = {} if created else ddb.describe_time_to_live(TableName=name)["TimeToLiveDescription"]
         if ttl.get("TimeToLiveStatus") not in ("ENABLED", "ENABLING"):
             ddb.update_time_to_live(
                 TableName=name, TimeToLiveSpecification={"Enabled": True, "AttributeName": spec.ttl_attribute}
@@ -83,6 +89,15 @@ def _ensure_table(clients: AwsClients, spec: TableSpec) -> None:
         ddb.update_continuous_backups(
             TableName=name, PointInTimeRecoverySpecification={"PointInTimeRecoveryEnabled": True}
         )
+
+
+def _wait_active(ddb: Any, name: str) -> dict[str, Any]:
+    for _ in range(_TABLE_WAIT_ATTEMPTS):
+        described = ddb.describe_table(TableName=name)["Table"]
+        if described["TableStatus"] == "ACTIVE":
+            return described
+        time.sleep(1)
+    raise StoreError(f"table {name} did not become active")
 
 
 def _ensure_bucket(clients: AwsClients) -> None:

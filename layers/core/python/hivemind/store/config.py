@@ -27,6 +27,7 @@ from hivemind.errors import InvalidInput, StoreError
 from hivemind.store.schema import PREFIX_PATTERN, SCHEMA, QueueRole, TableRole, resource_name
 
 _REGION_PATTERN = r"^[a-z]{2}(-[a-z]+)+-\d$"
+_CREATION_LOCK = threading.Lock()
 
 
 class StoreConfig(BaseModel):
@@ -76,7 +77,9 @@ class StoreConfig(BaseModel):
 
     def to_env(self) -> dict[str, str]:
         """The environment that makes :meth:`from_env` in another process return this config."""
-        env = {"HIVEMIND_PREFIX": self.prefix, "HIVEMIND_REGION": self.region, "HIVEMIND_BUCKET": self.bucket}
+        env = {"HIVEMIND_PREFIX": self.prefix, "HIVEMIND_REGION": self.region}
+        if self.bucket_name is not None:
+            env["HIVEMIND_BUCKET"] = self.bucket_name
         if self.endpoint_url is not None:
             env["HIVEMIND_ENDPOINT_URL"] = self.endpoint_url
         return env
@@ -112,14 +115,15 @@ def _botocore_config(*, s3: bool, local: bool) -> Config:
 class AwsClients:
     """Lazily created, cached boto3 clients for one :class:`StoreConfig`.
 
-    boto3 clients are thread-safe once created, but creating them from a shared session is not, so
-    creation is serialised by a lock. Share one instance per process.
+    boto3 clients are thread-safe once created, but creating them from a session is not, and a session
+    may be shared between instances, so creation is serialised by one process-wide lock (it happens a
+    handful of times per process). Share one instance per process.
     """
 
     def __init__(self, config: StoreConfig, *, session: boto3.session.Session | None = None) -> None:
         self.config = config
         self._session = session or boto3.session.Session(region_name=config.region)
-        self._lock = threading.Lock()
+        self._lock = _CREATION_LOCK
         self._clients: dict[str, Any] = {}
         self._queue_urls: dict[QueueRole, str] = {}
 

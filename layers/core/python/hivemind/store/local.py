@@ -11,6 +11,7 @@ Imports moto, which only the local stack and the tests install (not the Lambda l
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -40,8 +41,11 @@ class _SerialDynamoDB:
 class LocalMotoServer(ThreadedMotoServer):
     """``ThreadedMotoServer`` on ``host`` (loopback by default) and a free port, serialising DynamoDB."""
 
-    def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(self, host: str = "127.0.0.1", port: int = 0, *, log_requests: bool = False) -> None:
         super().__init__(ip_address=host, port=port, verbose=False)
+        if not log_requests:
+            # werkzeug logs every request at INFO; the local stack and tests only want errors.
+            logging.getLogger("werkzeug").setLevel(logging.WARNING)
 
     def _server_entry(self) -> None:
         app = _SerialDynamoDB(DomainDispatcherApplication(create_backend_app))

@@ -37,7 +37,7 @@ class RoomRecord(Record):
     room_id: str = Field(min_length=1, max_length=80)
     tenant_id: str = Field(min_length=1, max_length=80)
     # The signed manifest envelope as JSON; readers verify it on every use. None once deleted.
-    envelope: dict[str, Any] | None
+    envelope: dict[str, Any] | None = None
     manifest_hash: Sha256Hex
     revision: int = Field(ge=1)
     status: RoomStatus = RoomStatus.ACTIVE

@@ -156,17 +156,20 @@ class RunRepository:
         sources = _SOURCES[status]
         values: dict[str, Any] = {":target": status.value, ":now": now}
         values.update({f":from{index}": source.value for index, source in enumerate(sources)})
+        names = {"#status": "status"}
         assignments = ["#status = :target", "updated_at = :now", "finished_at = :now"]
         for name, value in result.model_dump(mode="json").items():
             if value is not None and value != []:
-                assignments.append(f"{name} = :{name}")
+                # Placeholders for every name: some ("usage") are DynamoDB reserved words.
+                names[f"#{name}"] = name
+                assignments.append(f"#{name} = :{name}")
                 values[f":{name}"] = value
         try:
             item = self._table.update(
                 {"run_id": run_id},
                 update="SET " + ", ".join(assignments) + " REMOVE open_status, stage",
                 condition=f"#status IN ({', '.join(f':from{index}' for index in range(len(sources)))})",
-                names={"#status": "status"},
+                names=names,
                 values=values,
             )
         except ConditionFailed:

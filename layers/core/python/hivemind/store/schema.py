@@ -82,12 +82,6 @@ class TableSpec:
             seen[attr.name] = attr
         return tuple(seen.values())
 
-    def index(self, name: str) -> GlobalIndex:
-        for index in self.indexes:
-            if index.name == name:
-                return index
-        raise KeyError(f"table {self.role} has no index {name}")
-
 
 @dataclass(frozen=True, slots=True)
 class LifecycleRule:

@@ -1,0 +1,299 @@
+"""The default scope agent: the room's rules in, a ScopePolicy out (docs/default-agents.md).
+
+Steps, each of which can only narrow what the previous one produced:
+
+1. **Compile** the rules' policy block (docs/rules.md) into a ScopePolicy; without a block, take the
+   most restrictive policy over the room's schema (every table and column, aggregate-only, COUNT only,
+   groups of at least 10, no document items). A malformed block fails the stage: the run fails closed.
+2. **Bound** it by the room's ``data_policy`` when the manifest sets one (the meet of the two).
+3. **LLM** (only when the room allows a provider): ask for a narrower policy from the rules' prose and
+   keep it only if it parses and is narrower by a local conservative check; otherwise keep step 2's.
+4. **Least privilege from inspection**: when the query agent's files are inspectable and never call
+   the SQL tool (or the item tools), its policy shows no tables (or no items).
+5. **Simulation**: when the prompt is visible and the policy has output deny patterns, run the query
+   agent under the candidate; if its raw answer would be denied, drop the columns that produced the
+   match, or every table when that cannot be told.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from hivemind_agent import BridgeError, Context, InvalidRequest, Schema
+from rules_block import RulesError, load_policy_block
+from scope_policy import (
+    PolicyError,
+    check_against_schema,
+    meet,
+    most_restrictive,
+    normalize,
+    widenings,
+)
+
+LLM_MAX_TOKENS = 1500
+# Marks of a tool call in an agent's source, for the SDK, raw HTTP and MCP clients alike.
+SQL_TOOL_MARKS = ("sql(", "tools/sql", "/mcp")
+ITEM_TOOL_MARKS = ("item(", "items(", "tools/items", "/mcp")
+# A matched value shorter than this is too common ("5", "HR") to blame one column for a denial.
+MIN_BLAMED_VALUE_CHARS = 3
+
+LLM_INSTRUCTIONS = """You narrow the data scope of a data clean room run.
+You get the room's rules (prose), the schema, and the current ScopePolicy as JSON.
+Return ONLY a JSON object: a ScopePolicy that is the current one or narrower, following the rules' prose.
+Allowed changes: remove tables or columns; raise aggregate.min_group_size; remove aggregate.functions;
+set aggregate.required to true; lower max_rows; remove items.allow rules; add regexes to items.redact,
+output.deny or output.redact. Never change a table's "where". Never add tables, columns or functions.
+If the prose asks for nothing narrower, return the current policy unchanged."""
+
+
+def note(ctx: Context, message: str, *, level: str = "info", **fields: Any) -> None:
+    """A log line for the run's diagnostics. Logging must never decide a stage's fate."""
+    try:
+        ctx.log(message, level=level, **fields)
+    except BridgeError:
+        return
+
+
+def schema_tables(schema: Schema | None) -> dict[str, list[str]]:
+    """Table name -> column names of the room's data (the scope stage sees the full schema)."""
+    if schema is None:
+        return {}
+    return {table.name: list(table.column_names) for table in schema.tables}
+
+
+def compile_rules(
+    rules: str, policy_text: str, schema: Mapping[str, list[str]]
+) -> tuple[dict[str, Any], str]:
+    """The ScopePolicy the room's texts ask for, and where it came from. Raises :class:`RulesError`."""
+    loaded = load_policy_block(rules, policy_text)
+    if loaded is None:
+        return most_restrictive(schema), "no policy block: the most restrictive policy over the schema"
+    block, data = loaded
+    try:
+        policy = normalize(data)
+        check_against_schema(policy, schema)
+    except PolicyError as exc:
+        raise RulesError(f"{block.where}: the policy block is not a valid ScopePolicy: {exc}") from None
+    return policy, f"the policy block at {block.where}"
+
+
+def room_bound(stage: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The room's ``data_policy`` (normalized), or None when the manifest sets none."""
+    raw = stage.get("data_policy")
+    if raw is None:
+        return None
+    try:
+        return normalize(raw)
+    except PolicyError as exc:
+        raise PolicyError(f"the room's data_policy is not understood: {exc}") from None
+
+
+# --- LLM narrowing -------------------------------------------------------------------------------
+
+
+def _json_object(text: str) -> Any:
+    """The JSON object in an LLM reply, which may wrap it in a code fence or a sentence."""
+    start, end = text.find("{"), text.rfind("}")
+    if start < 0 or end < start:
+        raise ValueError("the reply holds no JSON object")
+    return json.loads(text[start : end + 1])
+
+
+def llm_narrow(ctx: Context, policy: dict[str, Any], schema: Mapping[str, list[str]]) -> dict[str, Any]:
+    """The LLM's narrower proposal if it is one, else ``policy`` unchanged. Never raises for LLM trouble."""
+    request = {
+        "rules": ctx.input.rules,
+        "policy_text": ctx.input.policy,
+        "question": ctx.prompt,
+        "schema": schema,
+        "current_policy": policy,
+    }
+    messages = [
+        {"role": "system", "content": LLM_INSTRUCTIONS},
+        {"role": "user", "content": json.dumps(request)},
+    ]
+    try:
+        completion = ctx.llm.chat(messages, temperature=0, max_tokens=LLM_MAX_TOKENS)
+        proposal = normalize(_json_object(completion.text or ""))
+        check_against_schema(proposal, schema)
+    except (BridgeError, ValueError) as exc:
+        # PolicyError and JSON errors are ValueErrors: an unusable proposal, not a failed run.
+        note(ctx, "llm proposal not used", level="warning", reason=f"{type(exc).__name__}: {exc}"[:500])
+        return policy
+    found = widenings(proposal, policy)
+    # The LLM may not touch row filters: a rewritten filter could fail the runner's grammar.
+    found += [
+        f"tables.{table}.where: changed"
+        for table, spec in proposal["tables"].items()
+        if table in policy["tables"] and spec["where"] != policy["tables"][table]["where"]
+    ]
+    if found:
+        note(
+            ctx,
+            "llm proposal is not narrower; kept the compiled policy",
+            level="warning",
+            widenings=found[:10],
+        )
+        return policy
+    note(ctx, "llm proposal accepted", tables=sorted(proposal["tables"]))
+    return proposal
+
+
+# --- least privilege from the query agent's source ------------------------------------------------
+
+
+def least_privilege(
+    policy: dict[str, Any], query_agent: Mapping[str, Any] | None
+) -> tuple[dict[str, Any], list[str]]:
+    """Drop the tables or items an inspectable query agent never asks for. Sealed agents keep everything."""
+    files = (query_agent or {}).get("files")
+    if not isinstance(files, Mapping) or not files:
+        return policy, []
+    source = "\n".join(text for text in files.values() if isinstance(text, str))
+    notes = []
+    narrowed = dict(policy)
+    if policy["tables"] and not any(mark in source for mark in SQL_TOOL_MARKS):
+        narrowed["tables"] = {}
+        notes.append("the query agent's source never calls the SQL tool: no tables")
+    if policy["items"]["allow"] and not any(mark in source for mark in ITEM_TOOL_MARKS):
+        narrowed["items"] = {"allow": [], "redact": list(policy["items"]["redact"])}
+        notes.append("the query agent's source never reads items: no items")
+    return narrowed, notes
+
+
+# --- simulation ----------------------------------------------------------------------------------
+
+
+def _sql_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _output_text(output: str | Mapping[str, Any] | None) -> str:
+    if output is None:
+        return ""
+    return output if isinstance(output, str) else json.dumps(dict(output), default=str)
+
+
+def _first_denied(text: str, patterns: list[str]) -> tuple[str, str] | None:
+    for pattern in patterns:
+        found = re.search(pattern, text)
+        if found:
+            return pattern, found.group(0)
+    return None
+
+
+def blamed_columns(
+    ctx: Context, policy: Mapping[str, Any], pattern: str, matched: str
+) -> dict[str, list[str]]:
+    """Columns whose name the deny pattern matches, or whose values overlap the denied text."""
+    blamed: dict[str, list[str]] = {}
+    for table, spec in policy["tables"].items():
+        for column in spec["columns"]:
+            if re.search(pattern, column) or column in matched.lower():
+                blamed.setdefault(table, []).append(column)
+                continue
+            if len(matched) < MIN_BLAMED_VALUE_CHARS:
+                continue
+            value, literal = f"CAST({_quoted(column)} AS TEXT)", _sql_literal(matched)
+            # Identifiers are quoted and the text is an escaped literal; the scope stage reads everything
+            # anyway, so this query can reveal nothing new to this agent.
+            query = (
+                f"SELECT 1 FROM {_quoted(table)} "  # noqa: S608
+                f"WHERE length({value}) >= {MIN_BLAMED_VALUE_CHARS} "
+                f"AND (instr({value}, {literal}) > 0 OR instr({literal}, {value}) > 0) LIMIT 1"
+            )
+            if ctx.sql(query).rows:
+                blamed.setdefault(table, []).append(column)
+    return blamed
+
+
+def without_columns(policy: Mapping[str, Any], blamed: Mapping[str, list[str]]) -> dict[str, Any]:
+    """``policy`` minus the blamed columns (a row filter keeps working: it may use hidden columns)."""
+    tables = {}
+    for table, spec in policy["tables"].items():
+        columns = [column for column in spec["columns"] if column not in blamed.get(table, [])]
+        if columns:
+            tables[table] = {"columns": columns, "where": spec["where"]}
+    return {**policy, "tables": tables}
+
+
+def _simulated_denial(ctx: Context, policy: dict[str, Any], prompt: str) -> tuple[str, str] | None:
+    try:
+        result = ctx.simulate(policy, prompt)
+    except InvalidRequest as exc:
+        if exc.code == "invalid_policy":
+            raise PolicyError(f"the runner refused the candidate policy: {exc.message}") from None
+        raise
+    if not result.ok:
+        note(ctx, "simulation failed; nothing learned from it", level="warning", code=result.error_code)
+        return None
+    return _first_denied(_output_text(result.output), policy["output"]["deny"])
+
+
+def tighten_by_simulation(ctx: Context, policy: dict[str, Any], prompt: str | None) -> dict[str, Any]:
+    """Narrow ``policy`` when the query agent's simulated answer would be denied by the output rules."""
+    if prompt is None or not policy["tables"] or not policy["output"]["deny"]:
+        return policy
+    try:
+        denial = _simulated_denial(ctx, policy, prompt)
+    except BridgeError as exc:
+        # Out of simulations or time: the policy stands; the runner's output gate still applies.
+        note(ctx, "simulation unavailable; kept the policy", level="warning", code=exc.code)
+        return policy
+    if denial is None:
+        return policy
+    no_tables = {**policy, "tables": {}}
+    try:
+        blamed = blamed_columns(ctx, policy, *denial)
+    except BridgeError:
+        blamed = {}
+    tightened = without_columns(policy, blamed) if blamed else no_tables
+    note(
+        ctx, "simulated answer would be denied; tightened", blamed=blamed, tables=sorted(tightened["tables"])
+    )
+    if tightened["tables"]:
+        try:
+            still_denied = _simulated_denial(ctx, tightened, prompt) is not None
+        except BridgeError:
+            still_denied = True  # cannot confirm the narrower policy helps: show no tables
+        if still_denied:
+            note(
+                ctx,
+                "still denied (or unconfirmed) after dropping the blamed columns; no tables",
+                level="warning",
+            )
+            tightened = no_tables
+    return tightened
+
+
+# --- the stage -----------------------------------------------------------------------------------
+
+
+def decide(ctx: Context) -> dict[str, Any]:
+    """The scope stage: the ScopePolicy for this run (posted as JSON by ``main``)."""
+    schema = schema_tables(ctx.input.schema)
+    bound = room_bound(ctx.input.stage)
+    policy, origin = compile_rules(ctx.input.rules, ctx.input.policy, schema)
+    policy = meet(policy, bound)
+    note(ctx, "compiled", origin=origin, bounded=bound is not None, tables=sorted(policy["tables"]))
+    if ctx.input.llm_available:
+        policy = llm_narrow(ctx, policy, schema)
+    policy, notes = least_privilege(policy, ctx.input.stage.get("query_agent"))
+    for text in notes:
+        note(ctx, text)
+    policy = tighten_by_simulation(ctx, normalize(policy), ctx.prompt)
+    policy = normalize(policy)
+    found = widenings(policy, bound)
+    if found:
+        # Every step above only narrows; reaching this means a bug, and the run must not go on.
+        raise PolicyError(
+            "the scope agent produced a policy wider than the room's data_policy: " + "; ".join(found)
+        )
+    return policy
