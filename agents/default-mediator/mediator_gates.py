@@ -51,7 +51,8 @@ def room_shape(rules: str, policy_text: str) -> RoomShape:
     if not isinstance(size, int) or isinstance(size, bool) or size < 1:
         size = DEFAULT_MIN_GROUP_SIZE
     tables = data.get("tables")
-    has_tables = not isinstance(tables, Mapping) or bool(tables)
+    # An omitted or empty tables section shows no table; a malformed one fails the scope stage.
+    has_tables = bool(tables) if tables is None or isinstance(tables, Mapping) else True
     return RoomShape(
         aggregate_only=has_tables and aggregate.get("required") is not False, min_group_size=size
     )

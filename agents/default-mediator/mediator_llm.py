@@ -51,7 +51,7 @@ def llm_review(ctx: Context, prompt: str | None, answer_text: str) -> Verdict | 
     try:
         completion = ctx.llm.chat(messages, temperature=0, max_tokens=MAX_TOKENS)
         return parse_verdict(completion.text or "")
-    except (BridgeError, ValueError) as exc:
+    except (BridgeError, ValueError, RecursionError) as exc:
         try:
             ctx.log(
                 "llm review unavailable; deterministic gates only",

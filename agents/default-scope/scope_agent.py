@@ -119,7 +119,7 @@ def llm_narrow(ctx: Context, policy: dict[str, Any], schema: Mapping[str, list[s
         completion = ctx.llm.chat(messages, temperature=0, max_tokens=LLM_MAX_TOKENS)
         proposal = normalize(_json_object(completion.text or ""))
         check_against_schema(proposal, schema)
-    except (BridgeError, ValueError) as exc:
+    except (BridgeError, ValueError, RecursionError) as exc:
         # PolicyError and JSON errors are ValueErrors: an unusable proposal, not a failed run.
         note(ctx, "llm proposal not used", level="warning", reason=f"{type(exc).__name__}: {exc}"[:500])
         return policy

@@ -1,1 +1,3 @@
-"""Hivemind rooms."""
+"""Hivemind rooms: the control plane (Lambda handlers: the API, settlement, the janitor)."""
+
+__version__ = "0.1.0"

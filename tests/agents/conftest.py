@@ -27,6 +27,16 @@ AGENT_DIRS = {
     "slot": AGENTS / "examples" / "negotiation" / "slot-mediator",
     "docs": AGENTS / "examples" / "document-qa" / "search-query",
 }
+AGENT_MODULES = (
+    "scope_agent",
+    "query_agent",
+    "mediator_agent",
+    "median_agent",
+    "masking_agent",
+    "scheduler_agent",
+    "slot_agent",
+    "search_agent",
+)
 SAMPLE_DATA = AGENTS / "examples" / "sample-data"
 
 
@@ -37,7 +47,8 @@ def _import_agent_modules() -> None:
         for directory in AGENT_DIRS.values():
             if str(directory) not in sys.path:
                 sys.path.insert(0, str(directory))
-        for module in ("scope_agent", "query_agent", "mediator_agent"):
+        # Every agent's entry module, which imports its siblings: all of them load now, without bytecode.
+        for module in AGENT_MODULES:
             importlib.import_module(module)
     finally:
         sys.dont_write_bytecode = previous

@@ -8,10 +8,12 @@ one.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
 import scope_agent
+import yaml
 from agents_fake_bridge import (
     AGENTS_DIR,
     LlmFailure,
@@ -481,3 +483,11 @@ def test_the_stage_runs_in_process_with_the_sdk_runner(
     with running_bridge(Room(tables=people_tables, rules=people_rules)) as bridge:
         posted = run_stage(bridge, SCOPE_DIR, bridge.open_session("scope", "how many people?"))
     assert posted["json"]["aggregate"]["min_group_size"] == 5
+
+
+def test_the_examples_in_docs_rules_md_compile_and_the_core_accepts_them() -> None:
+    text = (AGENTS_DIR.parent / "docs" / "rules.md").read_text()
+    examples = re.findall(r"```yaml\n(.*?)```", text, re.DOTALL)
+    assert len(examples) >= 5
+    for example in examples:
+        parse_policy(normalize(yaml.safe_load(example)))

@@ -4,7 +4,8 @@ own (as if the parser were bypassed), result caps, the query budget and role bin
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import pytest
@@ -195,7 +196,7 @@ def raw_connection() -> Iterator[tuple[sqlite3.Connection, Authorizer]]:
     connection.execute("INSERT INTO people VALUES ('eng', 1), ('ops', 2)")
     rules = GateRules(
         tables={"people": ("department", "salary")},
-        functions=query_functions(AggregatePolicy(required=True, functions=("AVG",))),
+        functions=query_functions(AggregatePolicy(required=False, functions=("AVG", "COUNT"))),
         aggregate=None,
         max_rows=10,
     )
@@ -236,9 +237,10 @@ def test_the_authorizer_denies_what_the_parser_would_have_refused(
     raw_connection: tuple[sqlite3.Connection, Authorizer], statement: str, reason: str
 ) -> None:
     connection, authorizer = raw_connection
-    with pytest.raises(SqlDenied) as info:
+    with pytest.raises(SqlRejected) as info:
         execute(connection, authorizer, statement, max_rows=10, budget=BUDGET)
     assert info.value.reason == reason
+    assert info.value.code == ("sql_invalid" if reason == "not_a_select" else "sql_denied")
     connection.set_authorizer(None)
     assert connection.execute("SELECT COUNT(*) FROM people").fetchone() == (2,)
     assert connection.execute("SELECT COUNT(*) FROM sqlite_master").fetchone() == (2,)
@@ -262,7 +264,9 @@ def test_values_cannot_grow_past_the_length_limit(
     raw_connection: tuple[sqlite3.Connection, Authorizer],
 ) -> None:
     connection, authorizer = raw_connection
-    statement = "SELECT replace(replace(replace('abcd', 'a', 'aaaaaaaaaaaaaaaa'), 'a', 'aaaaaaaaaaaaaaaa'), 'a', 'aaaaaaaaaaaaaaaa')"
+    sixteen = "'" + "a" * 16 + "'"
+    # 16 ** 3 = 4096 characters from a 4-character string: over the 4096-byte length limit with "bcd".
+    statement = f"SELECT replace(replace(replace('abcd', 'a', {sixteen}), 'a', {sixteen}), 'a', {sixteen})"
     with pytest.raises(SqlDenied) as info:
         execute(connection, authorizer, statement, max_rows=10, budget=BUDGET)
     assert info.value.reason == "result_too_large"
@@ -330,23 +334,32 @@ def test_json_scalars() -> None:
 # --- roles and lifetime ------------------------------------------------------------------------
 
 
+def wrong_role_calls(database: ScopedDatabase, role: Any) -> list[Callable[[], object]]:
+    return [
+        partial(database.query, "SELECT 1", role=role),
+        partial(database.schema, role=role),
+        partial(database.list_items, role=role),
+        partial(database.read_item, "item_people", role=role),
+    ]
+
+
 def test_a_database_serves_only_its_role() -> None:
     with (
         build_scoped_database([people_item()], open_policy()) as query_db,
         full_read_database([people_item()]) as scope_db,
     ):
-        for database, wrong in ((query_db, Stage.SCOPE), (query_db, Stage.MEDIATOR), (scope_db, Stage.QUERY)):
-            for call in (
-                lambda: database.query("SELECT 1", role=wrong),
-                lambda: database.schema(role=wrong),
-                lambda: database.list_items(role=wrong),
-                lambda: database.read_item("item_people", role=wrong),
-            ):
+        cases = [
+            (query_db, Stage.SCOPE),
+            (query_db, Stage.MEDIATOR),
+            (query_db, "query"),
+            (scope_db, Stage.QUERY),
+        ]
+        for database, wrong in cases:
+            for call in wrong_role_calls(database, wrong):
                 with pytest.raises(Forbidden) as info:
                     call()
                 assert info.value.code == "not_allowed_for_role"
-        with pytest.raises(Forbidden):
-            query_db.query("SELECT 1", role="query")  # type: ignore[arg-type]
+        assert query_db.query("SELECT COUNT(*) FROM people", role=Stage.QUERY).rows == [[30]]
 
 
 def test_full_read_sees_everything_with_the_same_gate_minus_aggregation() -> None:
@@ -380,3 +393,12 @@ def test_a_closed_database_answers_nothing() -> None:
         database.query("SELECT 1", role=Stage.QUERY)
     with pytest.raises(Gone):
         database.snapshot()
+
+
+def test_refused_statements_are_not_written_to_logs(
+    db: ScopedDatabase, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level("DEBUG"):
+        refused(db, "VACUUM INTO '/tmp/secret-value-42'")
+        refused(db, "REPLACE INTO people VALUES ('secret-value-42', 1)")
+    assert "secret-value-42" not in caplog.text

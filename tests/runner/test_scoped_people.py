@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from hivemind.models import Stage
-from hivemind.policy import parse_policy
+from hivemind.policy import AggregatePolicy, parse_policy
 from hivemind_runner.scoped import (
     ItemInfo,
     RoomItem,
@@ -18,6 +18,7 @@ from hivemind_runner.scoped import (
     SqlRejected,
     build_scoped_database,
 )
+from hivemind_runner.scoped.sql import GateRules, prepare
 
 # department -> number of people; legal (3) and board (1) are below the minimum group size.
 SIZES = {"eng": 8, "ops": 6, "sales": 5, "legal": 3, "board": 1}
@@ -154,7 +155,14 @@ def test_max_is_refused_when_the_policy_does_not_allow_it(db: ScopedDatabase) ->
             "aggregate_argument",
         ),
         ("SELECT department, SUM(*) FROM people GROUP BY department", "aggregate_argument"),
-        ("SELECT department AS salary, COUNT(*) FROM people GROUP BY department", "alias_shadows_column"),
+        (
+            "SELECT department, AVG(salary) AS salary FROM people GROUP BY department HAVING salary > 1",
+            "aggregate_required",
+        ),
+        (
+            "SELECT department, AVG(salary) AS salary FROM people GROUP BY department ORDER BY salary + 0",
+            "aggregate_required",
+        ),
         ("SELECT department, COUNT(*) FROM people GROUP BY department ORDER BY salary", "aggregate_required"),
         (
             "SELECT department, COUNT(*) FROM people GROUP BY department HAVING salary > 1",
@@ -185,6 +193,8 @@ def test_tricks_are_refused_in_aggregate_mode(db: ScopedDatabase, sql: str, reas
         "SELECT p.department, SUM(p.salary) / COUNT(*) FROM people AS p GROUP BY p.department",
         "SELECT UPPER(department), COUNT(*) * 100.0 / 5 FROM people WHERE salary > 60000 GROUP BY department",
         "SELECT DISTINCT department, 'label', COUNT(*) FROM people GROUP BY department",
+        "SELECT department, SUM(salary) AS salary FROM people GROUP BY department ORDER BY salary DESC",
+        "SELECT department AS salary, COUNT(*) AS n FROM people GROUP BY department HAVING n > 1",
         'SELECT `department`, count(*) FROM [people] GROUP BY "department"',
     ],
 )
@@ -296,3 +306,66 @@ def test_schema_shows_the_projection_and_rules_only(db: ScopedDatabase) -> None:
         "aggregate": {"required": True, "min_group_size": 5, "functions": ["COUNT", "AVG", "SUM"]},
         "max_rows": 100,
     }
+
+
+@pytest.mark.parametrize(
+    ("sql", "reason"),
+    [
+        # Each would fail only if some row (perhaps in a suppressed group) holds a given value.
+        (
+            "SELECT COUNT(*) FROM people WHERE abs(salary - 58000 - 9223372036854775807 - 1) > 0",
+            "function_not_allowed",
+        ),
+        ("SELECT COUNT(*) FROM people WHERE json_extract(department, '$') IS NULL", "function_not_allowed"),
+        (
+            "SELECT COUNT(*) FROM people WHERE length(replace(department, 'l', department)) > 1",
+            "function_not_allowed",
+        ),
+        ("SELECT COUNT(*) FROM people WHERE department || department <> ''", "where_expression"),
+        ("SELECT COUNT(*) FROM people WHERE 'x' LIKE department", "where_expression"),
+        ("SELECT COUNT(*) FROM people WHERE like(department, 'x')", "where_expression"),
+        ("SELECT COUNT(*) FROM people WHERE 'x' GLOB department", "where_expression"),
+    ],
+)
+def test_where_cannot_fail_on_chosen_values(db: ScopedDatabase, sql: str, reason: str) -> None:
+    assert refused(db, sql).reason == reason
+
+
+def test_the_agents_having_never_runs_on_a_suppressed_group() -> None:
+    # Defence in depth: even an expression that could fail is evaluated only for groups that
+    # already passed the minimum, because the gate puts the minimum first and SQLite stops at the
+    # first false AND operand.
+    rules = GateRules(
+        tables={"people": ("department", "salary")},
+        functions=frozenset(),
+        aggregate=AggregatePolicy(required=True, min_group_size=K, functions=("COUNT",)),
+        max_rows=100,
+    )
+    failing_on_small_groups = "json_extract(CASE WHEN COUNT(*) < 5 THEN 'oops' ELSE '1' END, '$') = 1"
+    statement = prepare(
+        f"SELECT department, COUNT(*) FROM people GROUP BY department HAVING {failing_on_small_groups}",
+        rules,
+        max_sql_chars=10_000,
+    )
+    assert "HAVING COUNT(*) >= 5 AND (" in statement
+    plain = sqlite3.connect(":memory:")
+    plain.execute("CREATE TABLE people (department TEXT, salary INTEGER)")
+    plain.executemany("INSERT INTO people VALUES (?, ?)", [(row[1], row[2]) for row in people_rows()])
+    assert sorted(plain.execute(statement).fetchall()) == [
+        ("eng", 8),
+        ("ops", 6),
+        ("sales", 5),
+        ("usonlydept", 6),
+    ]
+    with pytest.raises(sqlite3.OperationalError, match="malformed JSON"):
+        plain.execute(statement.replace("HAVING COUNT(*) >= 5 AND", "HAVING")).fetchall()
+
+
+def test_where_may_use_error_free_functions(db: ScopedDatabase) -> None:
+    rows = query(
+        db,
+        "SELECT department, COUNT(*) FROM people WHERE lower(department) LIKE 'e%' ESCAPE '!' "
+        "AND substr(department, 1, 1) = 'e' AND salary / 0 IS NULL AND round(salary, -3) > 0 "
+        "GROUP BY department",
+    )
+    assert rows == [["eng", 8]]

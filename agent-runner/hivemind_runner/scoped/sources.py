@@ -317,8 +317,9 @@ class SqliteFile:
     """A SQLite item copied to the workspace and opened read-only; deleted on close.
 
     The file is the room owner's, but it is still treated as untrusted input: it is opened with
-    ``mode=ro&immutable=1`` (no journal, no locks, no writes) and ``trusted_schema=OFF``, only real
-    tables are read (no views, virtual or shadow tables), and only with SELECTs the runner writes.
+    ``mode=ro&immutable=1`` (no journal, no locks, no writes), ``trusted_schema=OFF``,
+    ``cell_size_check=ON`` and no memory mapping; only real tables are read (no views, virtual or
+    shadow tables), and only with SELECTs the runner writes.
     """
 
     def __init__(self, item: RoomItem, *, prefix: str, limits: ScopedLimits, budget: ByteBudget):
@@ -355,8 +356,14 @@ class SqliteFile:
         connection = sqlite3.connect(f"{path.as_uri()}?mode=ro&immutable=1", uri=True)
         self._exit.callback(connection.close)
         try:
-            connection.execute("PRAGMA trusted_schema = OFF")
-            connection.execute("PRAGMA query_only = ON")
+            # SQLite's advice for files of unknown origin ("defense against the dark arts").
+            for pragma in (
+                "trusted_schema = OFF",
+                "query_only = ON",
+                "cell_size_check = ON",
+                "mmap_size = 0",
+            ):
+                connection.execute(f"PRAGMA {pragma}")
         except sqlite3.Error as exc:
             raise self.error(exc) from None
         self.connection = connection

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import math
 import sqlite3
 import time
@@ -36,10 +37,21 @@ from hivemind.policy import AggregateFunction, AggregatePolicy
 from pydantic import Field, StrictFloat, StrictInt, StrictStr
 from sqlglot import exp
 from sqlglot.dialects.sqlite import SQLite
-from sqlglot.errors import SqlglotError
+from sqlglot.errors import ErrorLevel, SqlglotError
 from sqlglot.tokens import TokenType
 
 from hivemind_runner.scoped.errors import SqlDenied, SqlInvalid, SqlRejected
+
+
+class _DropQuotedStatements(logging.Filter):
+    """sqlglot logs the text of a statement it falls back to parsing as a Command. Agent SQL may quote
+    room data, and the runner's logs are no place for it; the agent gets the refusal instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Falling back to parsing as a 'Command'" not in record.getMessage()
+
+
+logging.getLogger("sqlglot").addFilter(_DropQuotedStatements())
 
 MAX_SQL_DEPTH = 64
 MAX_SQL_TOKENS = 20_000
@@ -74,6 +86,13 @@ SQLITE_AGGREGATES = frozenset({"count", "sum", "avg", "min", "max", "total", "gr
 # min/max are also scalar functions; whether they may be called follows the aggregate rules.
 _SCALAR_ONLY = SCALAR_FUNCTIONS - SQLITE_AGGREGATES
 FULL_READ_FUNCTIONS = SCALAR_FUNCTIONS | {"count", "sum", "avg", "total", "group_concat"}
+# Functions that can fail on some values: abs() of the smallest integer, JSON on malformed text,
+# replace() past the length limit. In aggregate-only scopes the WHERE clause runs on every row,
+# including rows of groups that are later suppressed, so an error would tell whether such a row
+# exists; these functions are therefore not available there at all.
+_VALUE_DEPENDENT_ERRORS = frozenset(
+    {"abs", "replace", "json_extract", "json_type", "json_array_length", "->", "->>"}
+)
 
 _AGGREGATE_CLASSES: dict[type[exp.Expression], AggregateFunction] = {
     exp.Count: AggregateFunction.COUNT,
@@ -107,11 +126,12 @@ def query_functions(aggregate: AggregatePolicy) -> frozenset[str]:
 
     Aggregates are exactly the policy's; ``count`` is always compiled when aggregation is required,
     because the gate's own ``HAVING COUNT(*) >= k`` calls it (the parse still refuses a COUNT the
-    policy does not list).
+    policy does not list). Aggregation also removes the functions whose errors depend on values.
     """
     names = set(_SCALAR_ONLY) | {function.value.lower() for function in aggregate.functions}
     if aggregate.required:
         names.add("count")
+        names -= _VALUE_DEPENDENT_ERRORS
     return frozenset(names)
 
 
@@ -243,6 +263,9 @@ class _AggregateCheck:
         self._from()
         self._aliases()
         self._group_by()
+        where = self.select.args.get("where")
+        if where is not None:
+            self._error_free(where)
         for expression in self.select.expressions:
             self._safe(expression.this if isinstance(expression, exp.Alias) else expression, aliases=False)
         having = self.select.args.get("having")
@@ -251,7 +274,10 @@ class _AggregateCheck:
         order = self.select.args.get("order")
         if order is not None:
             for ordered in order.expressions:
-                self._safe(ordered.this, aliases=True)
+                term = ordered.this
+                if isinstance(term, exp.Column) and not term.table and term.name.lower() in self.aliases:
+                    continue  # SQLite reads a bare ORDER BY name as a result alias before a column
+                self._safe(term, aliases=True)
         for key in ("limit", "offset"):
             clause = self.select.args.get(key)
             if clause is not None and _integer_literal(clause.expression) is None:
@@ -293,6 +319,26 @@ class _AggregateCheck:
         if distinct is not None and distinct.args.get("on") is not None:
             raise SqlDenied("unsupported_clause", "DISTINCT ON is not supported")
 
+    def _error_free(self, where: exp.Expression) -> None:
+        """WHERE runs on every row, also rows of groups later suppressed: nothing in it may fail on
+        some values only (a failure would reveal such a row). The authorizer already withholds the
+        functions that can; this refuses the operators that can."""
+        for node in where.walk():
+            if isinstance(node, exp.DPipe):
+                raise SqlDenied(
+                    "where_expression",
+                    "aggregate-only scope: no || in WHERE (a value too long to build would fail the query)",
+                )
+            if isinstance(node, exp.Like | exp.Glob | exp.Escape) and not (
+                isinstance(node.expression, exp.Literal) and node.expression.is_string
+            ):
+                raise SqlDenied(
+                    "where_expression",
+                    "aggregate-only scope: LIKE, GLOB and ESCAPE patterns must be string literals",
+                )
+            if isinstance(node, exp.Anonymous) and node.name.lower() in ("like", "glob"):
+                raise SqlDenied("where_expression", "aggregate-only scope: write LIKE and GLOB as operators")
+
     def _from(self) -> None:
         source = self.select.args.get("from_")
         table = source.this if source is not None else None
@@ -320,15 +366,11 @@ class _AggregateCheck:
         return name if name in self.columns else None
 
     def _aliases(self) -> None:
-        for expression in self.select.expressions:
-            if not isinstance(expression, exp.Alias):
-                continue
-            alias = expression.alias.lower()
-            if alias in self.columns and self._plain_column(expression.this) != alias:
-                raise SqlDenied(
-                    "alias_shadows_column", f"the alias {alias!r} is also a column of {self.table}; rename it"
-                )
-            self.aliases.add(alias)
+        self.aliases = {
+            expression.alias.lower()
+            for expression in self.select.expressions
+            if isinstance(expression, exp.Alias)
+        }
 
     def _group_by(self) -> None:
         group = self.select.args.get("group")
@@ -372,7 +414,10 @@ class _AggregateCheck:
             name = self._plain_column(node)
             if name is not None and name in self.keys:
                 return
-            if aliases and not node.table and node.name.lower() in self.aliases:
+            # Inside expressions SQLite prefers a table column to an alias of the same name (in HAVING
+            # that would be one arbitrary row's value), so an alias counts only when no column has its name.
+            lowered = node.name.lower()
+            if aliases and not node.table and lowered in self.aliases and lowered not in self.columns:
                 return
             raise SqlDenied(
                 "aggregate_required",
@@ -478,11 +523,14 @@ def prepare(sql: str, rules: GateRules, *, max_sql_chars: int) -> str:
         contributors = _AggregateCheck(tree, rules, aggregate).run()
         minimum = _minimum_group_condition(aggregate.min_group_size, contributors)
         having = tree.args.get("having")
-        combined = minimum if having is None else exp.and_(exp.paren(having.this, copy=False), minimum)
+        # The minimum comes first: SQLite stops at the first false AND operand, so the agent's own
+        # HAVING never runs on a suppressed group (an error there would reveal it).
+        combined = minimum if having is None else exp.and_(minimum, exp.paren(having.this, copy=False))
         tree.set("having", exp.Having(this=combined))
     _name_result_columns(tree, rules)
     try:
-        return tree.sql(dialect=GateSQLite, identify=True, comments=False)
+        # RAISE: a construct sqlglot cannot write faithfully for SQLite is refused, never approximated.
+        return tree.sql(dialect=GateSQLite, identify=True, comments=False, unsupported_level=ErrorLevel.RAISE)
     except SqlglotError as exc:
         raise SqlInvalid("parse_error", f"the query cannot be regenerated: {_first_line(exc)}") from None
 
@@ -615,7 +663,8 @@ def _translate(
             f"the query ran past its budget ({budget.timeout_ms} ms or {budget.max_steps} steps)",
         )
     if denial is not None:
-        return SqlDenied(denial.reason, denial.message)
+        kind = SqlInvalid if denial.reason == "not_a_select" else SqlDenied
+        return kind(denial.reason, denial.message)
     text = str(exc)
     for prefix, make in _SQLITE_MESSAGES:
         if text.startswith(prefix):

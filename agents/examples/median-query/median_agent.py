@@ -87,14 +87,15 @@ def histogram(ctx: Context, table: str, column: str, functions: tuple[str, ...])
 
 
 def median_band_range(h: Histogram) -> tuple[int | None, int | None]:
-    """The lowest and highest reported band that can hold the middle row (None: an unreported band).
+    """The lowest and highest reported band that can hold the median (None: an unreported band).
 
     The withheld rows' bands are unknown: all of them below the reported bands moves the middle row
     down the reported list, all of them above moves it up.
     """
-    middle = (h.total + 1) / 2
+    # The middle rows: one for an odd total, the two around the middle for an even one.
+    lower_rank, upper_rank = (h.total + 1) // 2, h.total // 2 + 1
 
-    def band_at(rank: float) -> int | None:
+    def band_at(rank: int) -> int | None:
         seen = 0
         for start, rows in h.bands:
             seen += rows
@@ -102,7 +103,7 @@ def median_band_range(h: Histogram) -> tuple[int | None, int | None]:
                 return start
         return None
 
-    return band_at(middle - h.withheld), band_at(middle)
+    return band_at(lower_rank - h.withheld), band_at(upper_rank)
 
 
 def describe_range(low: int | None, high: int | None, width: int) -> str:

@@ -1,0 +1,52 @@
+"""The bridge: the only door between an agent container and the runner (DESIGN §8, docs/agents.md).
+
+- :class:`StageSession`: one stage's token, grants, wiring and result; every operation passes the
+  admission chain of :mod:`hivemind_runner.bridge.grants`;
+- :class:`BridgeServer`: HTTP/1.1 on the stage's Unix socket, with the REST routes of docs/agents.md
+  and MCP (streamable HTTP, ``POST /mcp``) exposing the same tools.
+
+docs/bridge.md describes the internals.
+"""
+
+from hivemind_runner.bridge.errors import (
+    ArtifactExists,
+    InvalidRequest,
+    MethodNotAllowed,
+    SimulationLimit,
+    StageFinished,
+    wire_error,
+)
+from hivemind_runner.bridge.grants import GRANTS, Tool, ToolCall, tool_call_chain
+from hivemind_runner.bridge.mcp import McpEndpoint
+from hivemind_runner.bridge.server import BridgeServer
+from hivemind_runner.bridge.session import (
+    ArtifactStore,
+    BridgeLimits,
+    Simulator,
+    StageOutput,
+    StageServices,
+    StageSession,
+    StoredArtifact,
+)
+
+__all__ = [
+    "GRANTS",
+    "ArtifactExists",
+    "ArtifactStore",
+    "BridgeLimits",
+    "BridgeServer",
+    "InvalidRequest",
+    "McpEndpoint",
+    "MethodNotAllowed",
+    "SimulationLimit",
+    "Simulator",
+    "StageFinished",
+    "StageOutput",
+    "StageServices",
+    "StageSession",
+    "StoredArtifact",
+    "Tool",
+    "ToolCall",
+    "tool_call_chain",
+    "wire_error",
+]

@@ -1,0 +1,1 @@
+"""The control-plane HTTP API: FastAPI app, dependencies, error mapping and routers."""
