@@ -26,7 +26,7 @@ from __future__ import annotations
 import io
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -83,7 +83,7 @@ _ERROR_CODE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 class PipelineRunner(Protocol):
     """What the lifecycle needs from :class:`hivemind_runner.pipeline.Pipeline`."""
 
-    def run(self, inputs: PipelineInputs, on_stage: ...) -> PipelineResult: ...
+    def run(self, inputs: PipelineInputs, on_stage: Callable[[Stage], None]) -> PipelineResult: ...
 
 
 class RunOutcome(StrEnum):
@@ -151,7 +151,9 @@ def effective_budgets(manifest: RoomManifest, requested: Budgets, admitted: Budg
     """The request clamped to the room's maxima (checked here, not trusted from the control plane) and
     to what the control plane admitted and holds money for."""
     clamped = manifest.budgets.clamp(requested)
-    return Budgets(**{name: min(getattr(clamped, name), getattr(admitted, name)) for name in Budgets.model_fields})
+    return Budgets(
+        **{name: min(getattr(clamped, name), getattr(admitted, name)) for name in Budgets.model_fields}
+    )
 
 
 class RunLifecycle:
@@ -204,17 +206,23 @@ class RunLifecycle:
                 raise
             self._resend_settlement(self._store.runs.require(run_id), log)
             return RunOutcome.FINISHED
-        log = log.bind(room_id=started.room_id)
-        log.event("run_started", takeover=started.attempts > 1)
-        timer = RunTimer()
-        progress = _Progress()
         try:
-            with self._workspaces.open(run_id) as workspace:
-                completed = self._attempt(started, workspace, progress, log)
-                return self._finish(started, progress, timer, log, completed=completed, error_code=None)
+            return self._run_started(started, receive_count, log.bind(room_id=started.room_id))
         except _RunLost:
             log.warning("run_lost")
             return RunOutcome.LOST
+
+    def _run_started(self, started: RunRecord, receive_count: int, log: StructuredLogger) -> RunOutcome:
+        log.event("run_started", takeover=started.attempts > 1)
+        timer = RunTimer()
+        progress = _Progress()
+        completed: _Completed | None = None
+        error_code: str | None = None
+        try:
+            with self._workspaces.open(started.run_id) as workspace:
+                completed = self._attempt(started, workspace, progress, log)
+        except _RunLost:
+            raise
         except ServiceUnavailable as exc:
             if receive_count < self._max_attempts:
                 log.warning("run_retry", error_code=exc.code)
@@ -223,23 +231,18 @@ class RunLifecycle:
         except Exception as exc:
             error_code = error_code_of(exc)
             log.event(
-                "run_step_failed",
-                level=logging.WARNING,
-                error_code=error_code,
-                error_type=type(exc).__name__,
+                "run_step_failed", level=logging.WARNING, error_code=error_code, error_type=type(exc).__name__
             )
-        try:
-            return self._finish(started, progress, timer, log, completed=None, error_code=error_code)
-        except _RunLost:
-            log.warning("run_lost")
-            return RunOutcome.LOST
+        if error_code is not None:
+            completed = None
+        return self._finish(started, progress, timer, log, completed=completed, error_code=error_code)
 
     # --- the steps ---------------------------------------------------------------------------------
 
     def _attempt(
         self, run: RunRecord, workspace: RunWorkspace, progress: _Progress, log: StructuredLogger
-    ) -> _Completed | None:
-        """Steps 2-9; returns the stored outputs, or None when the pipeline itself reported failure."""
+    ) -> _Completed:
+        """Steps 2-9: the stored outputs of a successful run; any failure raises."""
         manifest = self._verified_manifest(run)
         check_runner_trust(
             self._identity.compose_hash, manifest.runner_trust, self._release, app_id=self._identity.app_id
@@ -283,7 +286,9 @@ class RunLifecycle:
         progress.llm_usage = list(result.llm_usage)
         progress.scope_policy_hash = result.scope_policy_hash
         if not result.ok:
-            code = result.error_code if result.error_code and _ERROR_CODE.fullmatch(result.error_code) else None
+            code = (
+                result.error_code if result.error_code and _ERROR_CODE.fullmatch(result.error_code) else None
+            )
             raise HivemindError("the pipeline refused or failed", code=code or "pipeline_failed")
         if result.output is None or result.scope_policy_hash is None:
             raise HivemindError("the pipeline succeeded without an output", code="pipeline_failed")
@@ -314,12 +319,17 @@ class RunLifecycle:
         if owner is None:
             raise ManifestError("the room's owner is unknown")
         manifest = verify_manifest(
-            signed, expected_owner_sign_pub=owner.owner_sign_pub, expected_room_id=run.room_id, min_revision=None
+            signed,
+            expected_owner_sign_pub=owner.owner_sign_pub,
+            expected_room_id=run.room_id,
+            min_revision=None,
         )
         if manifest.tenant_id != room.tenant_id:
             raise ManifestError("the manifest names another owner than the room")
         if manifest_hash(manifest) != run.manifest_hash:
-            raise ManifestError("the room's manifest is not the one the run was admitted for", code="manifest_mismatch")
+            raise ManifestError(
+                "the room's manifest is not the one the run was admitted for", code="manifest_mismatch"
+            )
         return manifest
 
     def _open_envelope(self, run: RunRecord, manifest: RoomManifest) -> RunEnvelope:
@@ -347,7 +357,9 @@ class RunLifecycle:
         wrap = self._store.rooms.get_wrap(run.room_id, envelope.bearer_id)
         if wrap is None:
             raise Forbidden("the bearer has no key wrap in this room (revoked?)", code="wrap_missing")
-        return unwrap_dek(envelope.wrap_key_bytes(), wrap.wrapped, room_id=run.room_id, bearer_id=envelope.bearer_id)
+        return unwrap_dek(
+            envelope.wrap_key_bytes(), wrap.wrapped, room_id=run.room_id, bearer_id=envelope.bearer_id
+        )
 
     def _committed_items(self, room_id: str) -> Iterator[StoredItem]:
         cursor: str | None = None
@@ -365,16 +377,19 @@ class RunLifecycle:
         source = _ChunkReader(self._store.blobs.iter_chunks(stored.key, version_id=stored.version_id))
         stats = open_stream(source, sink, key=key, context=context)
         if (stats.sealed_size, stats.sealed_sha256) != (stored.size, stored.sha256):
-            raise IntegrityError(f"{what} is not the object that was committed", code="object_checksum_mismatch")
+            raise IntegrityError(
+                f"{what} is not the object that was committed", code="object_checksum_mismatch"
+            )
 
     def _decrypt_items(self, manifest: RoomManifest, dek: bytes, workspace: RunWorkspace) -> list[RoomItem]:
         items: list[RoomItem] = []
         for stored in self._committed_items(manifest.room_id):
-            if stored.version_id is None and stored.sha256 is None:
-                raise IntegrityError("a committed item has no pinned object", code="object_checksum_mismatch")
             path = workspace.items / f"item-{len(items)}"
             context = SealContext(
-                tenant_id=manifest.tenant_id, room_id=manifest.room_id, kind=ObjectKind.ITEM, object_id=stored.item_id
+                tenant_id=manifest.tenant_id,
+                room_id=manifest.room_id,
+                kind=ObjectKind.ITEM,
+                object_id=stored.item_id,
             )
             pinned = StoredObject(
                 key=stored.s3_key, size=stored.size, sha256=stored.sha256, version_id=stored.version_id
@@ -393,7 +408,9 @@ class RunLifecycle:
             )
         return items
 
-    def _stage_refs(self, manifest: RoomManifest, envelope: RunEnvelope) -> list[tuple[Stage, AgentRef | str]]:
+    def _stage_refs(
+        self, manifest: RoomManifest, envelope: RunEnvelope
+    ) -> list[tuple[Stage, AgentRef | str]]:
         """Each stage's agent: a pinned reference, or (uploadable query) the agent id the client sealed."""
         refs: list[tuple[Stage, AgentRef | str]] = [(Stage.SCOPE, manifest.scope)]
         query = manifest.query
@@ -402,7 +419,10 @@ class RunLifecycle:
                 raise Forbidden("this room's query agent is fixed", code="query_agent_not_allowed")
             assert query.agent_id is not None and query.digest is not None  # QueryRule guarantees both
             refs.append(
-                (Stage.QUERY, AgentRef(agent_id=query.agent_id, digest=query.digest, visibility=query.visibility))
+                (
+                    Stage.QUERY,
+                    AgentRef(agent_id=query.agent_id, digest=query.digest, visibility=query.visibility),
+                )
             )
         else:
             if envelope.query_agent_id is None:
@@ -424,10 +444,14 @@ class RunLifecycle:
                 agent_id, visibility = ref, manifest.query.visibility
                 record = self._agent_record(agent_id)
                 if record.room_id != manifest.room_id:
-                    raise Forbidden("the query agent was not uploaded for this room", code="query_agent_not_allowed")
+                    raise Forbidden(
+                        "the query agent was not uploaded for this room", code="query_agent_not_allowed"
+                    )
                 pinned = record.source_digest
             if record.visibility is not visibility:
-                raise IntegrityError("the agent's visibility is not the room's", code="agent_visibility_mismatch")
+                raise IntegrityError(
+                    "the agent's visibility is not the room's", code="agent_visibility_mismatch"
+                )
             if record.source_digest != pinned:
                 raise SourceDigestMismatch("the stored agent is not the source the room pins")
             agents[stage] = self._extract_agent(stage, record, pinned, workspace)
@@ -439,7 +463,9 @@ class RunLifecycle:
         except NotFound:
             raise NotFound("an agent of the run is missing", code="agent_missing") from None
 
-    def _extract_agent(self, stage: Stage, record: AgentRecord, pinned: str, workspace: RunWorkspace) -> StageAgent:
+    def _extract_agent(
+        self, stage: Stage, record: AgentRecord, pinned: str, workspace: RunWorkspace
+    ) -> StageAgent:
         if record.source_object is None:
             raise NotFound("an agent of the run has no committed source", code="agent_missing")
         archive = workspace.scratch / f"{stage.value}-source.tar.gz"
@@ -452,7 +478,11 @@ class RunLifecycle:
                     object_id=record.agent_id,
                 )
                 self._open_sealed_object(
-                    record.source_object, sink, key=self._agent_key(record), context=context, what="a sealed agent"
+                    record.source_object,
+                    sink,
+                    key=self._agent_key(record),
+                    context=context,
+                    what="a sealed agent",
                 )
             else:
                 self._store.blobs.download_verified(record.source_object, sink)
@@ -475,7 +505,8 @@ class RunLifecycle:
         if record.sealed_key is None:
             raise IntegrityError("a sealed agent has no key sealed to the runner", code="agent_key_missing")
         agent_key = self._keys.open(
-            SealedEnvelope.model_validate(record.sealed_key), info=AGENT_KEY_INFO_PREFIX + record.agent_id.encode()
+            SealedEnvelope.model_validate(record.sealed_key),
+            info=AGENT_KEY_INFO_PREFIX + record.agent_id.encode(),
         )
         if len(agent_key) != OUTPUT_KEY_BYTES:
             raise EnvelopeError("a sealed agent key has the wrong length")
@@ -485,8 +516,13 @@ class RunLifecycle:
         """The receipt may only name the agents this runner verified, with the digests it verified."""
         for entry in result.agents:
             verified = agents.get(entry.stage)
-            if verified is None or (entry.agent_id, entry.source_digest) != (verified.agent_id, verified.source_digest):
-                raise IntegrityError("the pipeline reports an agent this runner did not verify", code="internal_error")
+            if verified is None or (entry.agent_id, entry.source_digest) != (
+                verified.agent_id,
+                verified.source_digest,
+            ):
+                raise IntegrityError(
+                    "the pipeline reports an agent this runner did not verify", code="internal_error"
+                )
         if result.ok and {entry.stage for entry in result.agents} != set(agents):
             raise IntegrityError("the pipeline did not report every stage it ran", code="internal_error")
 
@@ -502,7 +538,9 @@ class RunLifecycle:
         root = workspace.root.resolve()
         for path in result.artifacts.values():
             if not path.resolve().is_relative_to(root) or not path.is_file():
-                raise IntegrityError("an artifact is not a file of the run's workspace", code="artifact_invalid")
+                raise IntegrityError(
+                    "an artifact is not a file of the run's workspace", code="artifact_invalid"
+                )
         return dict(result.artifacts)
 
     # --- finishing ---------------------------------------------------------------------------------
@@ -510,7 +548,11 @@ class RunLifecycle:
     def _ensure_owner(self, run: RunRecord) -> None:
         """Refuse to write anything if another attempt took the run over meanwhile."""
         current = self._store.runs.require(run.run_id)
-        if (current.status, current.runner_id, current.attempts) != (RunStatus.RUNNING, self._runner_id, run.attempts):
+        if (current.status, current.runner_id, current.attempts) != (
+            RunStatus.RUNNING,
+            self._runner_id,
+            run.attempts,
+        ):
             raise _RunLost
 
     def _finish(
@@ -552,7 +594,9 @@ class RunLifecycle:
             output_key=outputs.output_key if outputs else None,
             artifact_names=outputs.artifact_names if outputs else [],
             sealed_output_keys=(
-                {recipient.value: sealed for recipient, sealed in outputs.sealed_keys.items()} if outputs else {}
+                {recipient.value: sealed for recipient, sealed in outputs.sealed_keys.items()}
+                if outputs
+                else {}
             ),
             error_code=error_code,
         )
@@ -561,7 +605,7 @@ class RunLifecycle:
         except Conflict as exc:
             if exc.code != "illegal_run_transition":
                 raise
-            # Expired or failed by the janitor meanwhile: that state stands, and the janitor releases the hold.
+            # Expired or failed by the janitor meanwhile: that state stands; the janitor releases the hold.
             log.warning("run_finish_refused", error_code=exc.code)
             return RunOutcome.FINISHED
         if not transition.applied:
@@ -608,6 +652,8 @@ class RunLifecycle:
         runner_ms = sum(stage.duration_ms for stage in run.usage)
         send_settlement(
             self._store,
-            SettlementMessage(run_id=run.run_id, usage=run.usage, runner_seconds=-(-runner_ms // 1000), llm=[]),
+            SettlementMessage(
+                run_id=run.run_id, usage=run.usage, runner_seconds=-(-runner_ms // 1000), llm=[]
+            ),
         )
         log.event("settlement_resent", status=run.status.value)

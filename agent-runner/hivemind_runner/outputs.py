@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from botocore.exceptions import BotoCoreError, ClientError
 from hivemind.encoding import b64decode
 from hivemind.envelope import OUTPUT_KEY_BYTES, OutputRecipient, SealedEnvelope, seal_output_key
 from hivemind.errors import IntegrityError, InvalidInput
@@ -26,6 +27,7 @@ from hivemind.manifest import RoomManifest
 from hivemind.models import ObjectKind, OutputVisibility, RunStatus, StageUsage, StrictModel
 from hivemind.receipt import (
     ArtifactDigests,
+    ArtifactName,
     OutputDigests,
     Receipt,
     ReceiptAgent,
@@ -34,10 +36,13 @@ from hivemind.receipt import (
 )
 from hivemind.seal import SealContext, seal_bytes, seal_stream
 from hivemind.store import Store
+from hivemind.store.base import raise_store_error
 from hivemind.store.schema import QueueRole, run_artifact_key, run_output_key, run_receipt_key
-from pydantic import Field
+from pydantic import Field, TypeAdapter, ValidationError
 
 from hivemind_runner.telemetry import LlmUsage
+
+_ARTIFACT_NAME: TypeAdapter[str] = TypeAdapter(ArtifactName)
 
 
 def output_context(*, owner_tenant_id: str, room_id: str, run_id: str) -> SealContext:
@@ -105,8 +110,8 @@ def seal_and_store_outputs(
     artifact_digests: list[ArtifactDigests] = []
     for name in sorted(artifacts):
         try:
-            ArtifactDigests(name=name, ciphertext_sha256="0" * 64, plaintext_sha256="0" * 64)
-        except ValueError:
+            _ARTIFACT_NAME.validate_python(name)
+        except ValidationError:
             raise InvalidInput("an artifact name is not allowed", code="artifact_invalid") from None
         sealed_path = scratch / f"artifact-{len(artifact_digests)}"
         context = artifact_context(owner_tenant_id=owner, room_id=room_id, name=name)
@@ -116,7 +121,9 @@ def seal_and_store_outputs(
             stored_artifact = store.blobs.put_stream(run_artifact_key(run_id, name), sealed)
         sealed_path.unlink()
         if stored_artifact.sha256 != stats.sealed_sha256:
-            raise IntegrityError("a sealed artifact changed on its way to the bucket", code="artifact_invalid")
+            raise IntegrityError(
+                "a sealed artifact changed on its way to the bucket", code="artifact_invalid"
+            )
         artifact_digests.append(
             ArtifactDigests(
                 name=name, ciphertext_sha256=stats.sealed_sha256, plaintext_sha256=stats.plaintext_sha256
@@ -202,6 +209,9 @@ class SettlementMessage(StrictModel):
 def send_settlement(store: Store, message: SettlementMessage) -> None:
     """Queue the settlement; the settle function is idempotent per run, so sending twice is harmless."""
     clients = store.clients
-    clients.sqs.send_message(
-        QueueUrl=clients.queue_url(QueueRole.SETTLEMENTS), MessageBody=message.model_dump_json()
-    )
+    try:
+        clients.sqs.send_message(
+            QueueUrl=clients.queue_url(QueueRole.SETTLEMENTS), MessageBody=message.model_dump_json()
+        )
+    except (ClientError, BotoCoreError) as exc:
+        raise_store_error(exc, "send the settlement")

@@ -107,7 +107,9 @@ class DstackTee:
         try:
             return getattr(self._client, method)(*args)
         except (OSError, ConnectionError) as exc:
-            raise TeeUnavailable(f"the dstack guest agent did not answer {what}: {type(exc).__name__}") from None
+            raise TeeUnavailable(
+                f"the dstack guest agent did not answer {what}: {type(exc).__name__}"
+            ) from None
         except Exception as exc:
             # httpx and dstack_sdk raise their own types (HTTP status, protocol, validation errors).
             raise TeeUnavailable(f"the dstack guest agent refused {what}: {type(exc).__name__}") from None
@@ -139,7 +141,9 @@ class DstackTee:
             # rather than producing a document every client would refuse.
             events = [EventLogEntry.model_validate(event) for event in raw_events]
         except ValidationError as exc:
-            raise TeeError(f"dstack returned an event log entry this runner cannot publish: {exc.errors()[0]['msg']}") from None
+            raise TeeError(
+                f"dstack returned an event log entry this runner cannot publish: {exc.errors()[0]['msg']}"
+            ) from None
         return quote, events
 
     def identity(self) -> TeeIdentity:

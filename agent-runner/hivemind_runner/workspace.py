@@ -26,7 +26,7 @@ from pathlib import Path
 
 from hivemind.errors import HivemindError
 
-DEFAULT_BASE = Path("/dev/shm/hivemind-runner")
+DEFAULT_BASE = Path("/dev/shm/hivemind-runner")  # noqa: S108 - RAM-backed on purpose; each run dir is 0700
 _RUN_DIR = re.compile(r"^run_[a-z0-9]{1,64}$")
 
 

@@ -38,6 +38,7 @@ from hivemind.admission import (
     DenyCode,
     Mutate,
     Policy,
+    PolicyFactory,
     build_chain,
     standard_registry,
 )
@@ -349,13 +350,16 @@ def head_policies(store: Store, settings: FunctionSettings) -> list[Policy[RunAd
     ]
 
 
+def extra_policy_registry(store: Store) -> dict[str, PolicyFactory]:
+    """The policies operators may append by name: ``max_prompt_bytes:N``, ``daily_run_quota:N``."""
+    return standard_registry(StoreRunCounter(store))
+
+
 def build_run_chain(store: Store, settings: FunctionSettings) -> AdmissionChain[RunAdmission]:
-    """The head followed by ``settings.admission_extra_policies`` (``max_prompt_bytes:N``,
-    ``daily_run_quota:N``); a spec that does not build gives the deny-all chain."""
+    """The head followed by ``settings.admission_extra_policies`` resolved through
+    :func:`extra_policy_registry`; a spec that does not build gives the deny-all chain."""
     return build_chain(
-        head_policies(store, settings),
-        settings.admission_extra_policies,
-        standard_registry(StoreRunCounter(store)),
+        head_policies(store, settings), settings.admission_extra_policies, extra_policy_registry(store)
     )
 
 

@@ -333,7 +333,7 @@ def build_scoped_database(
         for item, prefix in plan.sqlite:
             if not any(table.startswith(prefix + "_") for table in policy.tables):
                 continue  # no table of this file is in scope: it is never opened
-            with SqliteFile(item, prefix=prefix, limits=limits, budget=loader.budget) as file:
+            with SqliteFile(item, limits=limits, budget=loader.budget) as file:
                 for raw_table in file.tables():
                     table = table_name(f"{prefix}_{raw_table}", item_id=item.info.id)
                     plan.claim(table, item)
@@ -373,7 +373,7 @@ def full_read_database(items: Sequence[RoomItem], limits: ScopedLimits | None = 
             with _direct_source(item, kind, table, limits, loader.budget) as source:
                 loader.load(source, None)
         for item, prefix in plan.sqlite:
-            with SqliteFile(item, prefix=prefix, limits=limits, budget=loader.budget) as file:
+            with SqliteFile(item, limits=limits, budget=loader.budget) as file:
                 for raw_table in file.tables():
                     table = table_name(f"{prefix}_{raw_table}", item_id=item.info.id)
                     plan.claim(table, item)

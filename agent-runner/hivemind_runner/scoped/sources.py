@@ -322,9 +322,8 @@ class SqliteFile:
     shadow tables), and only with SELECTs the runner writes.
     """
 
-    def __init__(self, item: RoomItem, *, prefix: str, limits: ScopedLimits, budget: ByteBudget):
+    def __init__(self, item: RoomItem, *, limits: ScopedLimits, budget: ByteBudget):
         self.item = item
-        self.prefix = prefix
         self._limits = limits
         self._budget = budget
         self._exit = contextlib.ExitStack()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import unicodedata
 from collections.abc import Iterator
 from typing import Annotated, Any
 
@@ -18,8 +19,6 @@ _REFUSED_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Co", "Zl", "Zp"})
 
 
 def _printable(value: str) -> str:
-    import unicodedata
-
     for character in value:
         if unicodedata.category(character) in _REFUSED_CATEGORIES:
             raise ValueError(f"contains a control or format character (U+{ord(character):04X})")
