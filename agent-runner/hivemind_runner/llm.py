@@ -44,6 +44,7 @@ BUILTIN_BASE_URLS = {
 }
 PROVIDERS_ENV = "HIVEMIND_LLM_PROVIDERS"
 MAX_API_KEY_CHARS = 4096
+MAX_MODEL_CHARS = 128
 # Rough bytes-per-token of JSON chat requests; used only to reserve budget before a call.
 _BYTES_PER_TOKEN = 4
 _SCRUBBED = "[REDACTED]"
@@ -306,25 +307,27 @@ class RunLlm:
             return StageLlmUsage(usage.calls, usage.prompt_tokens, usage.completion_tokens)
 
     def provider_usage(self) -> list[dict[str, Any]]:
-        """Per provider, model and key owner: what settlement charges (``key`` ``tenant`` is billed by the
-        provider to the tenant directly, ``operator`` through the runner's keys)."""
+        """What settlement charges: tokens spent through the operator's keys, per provider and model.
+
+        Calls made with the payer's own key are billed to the payer by the provider; they count
+        against the run's budgets and appear in the stage usage, but not here.
+        """
         with self._lock:
             return [
                 {
                     "provider": provider,
                     "model": model,
-                    "key": key_owner,
-                    "calls": usage.calls,
                     "prompt_tokens": usage.prompt_tokens,
                     "completion_tokens": usage.completion_tokens,
                 }
                 for (provider, model, key_owner), usage in sorted(self._by_model.items())
+                if key_owner == "operator"
             ]
 
     # --- the call ---
 
     def _route(self, model: Any) -> tuple[ProviderConfig, str]:
-        if model is not None and (not isinstance(model, str) or not model or len(model) > 300):
+        if model is not None and (not isinstance(model, str) or not model or len(model) > MAX_MODEL_CHARS):
             raise InvalidLlmRequest("model must be a non-empty string '<provider>/<model>'")
         if not self.allowed_providers:
             raise ProviderNotAllowed("this room allows no LLM provider")

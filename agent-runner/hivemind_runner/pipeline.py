@@ -1,20 +1,87 @@
-"""The run pipeline inside the runner: scope -> query -> mediator -> output gate (DESIGN §8).
+"""The run pipeline inside the runner: scope -> query -> mediator -> output gate (DESIGN §8, docs/bridge.md).
 
-Interface used by the runner's worker (the implementation follows in this module).
+:meth:`Pipeline.run` takes a verified run (decrypted items and agent sources in the run's tmpfs
+workspace) and produces the output, or a stable error code, plus everything the receipt names:
+
+1. **prepare**: every stage's agent is built (or found in the image cache) from its verified source;
+   the run's wall-clock budget starts after this, so a cold image build does not eat it;
+2. **scope** (full read, ``simulate``): returns a ScopePolicy as JSON. The runner parses it
+   (:func:`hivemind.policy.parse_policy`), narrows it against the room's ``data_policy``
+   (:func:`hivemind.policy.narrow`) and checks it against the data; anything wrong fails the run
+   closed with ``scope_policy_invalid``. The policy is data: nothing the agent wrote runs here (§16.4);
+3. **query**: scoped tools over a database built from the policy's projection only (§16.6); it never
+   sees the policy itself (§16.5); artifacts only when the room's egress allows them;
+4. **mediator** (when the room has one): the prompt, the raw answer, the rules and the policy's output
+   rules, no data tools; it returns the final answer or ``{"refusal": ...}``;
+5. **gate**: the runner applies ``output.deny`` (the run fails with ``output_denied`` and nothing
+   leaves) and ``output.redact`` to the final answer and to text artifacts, deterministically.
+
+Each stage runs in its own sandbox with its own bridge socket and session token. Budgets: the run's
+``timeout_s`` is one wall-clock budget shared by the stages (each gets what is left), ``memory_mb``
+limits each container, LLM calls and tokens are one meter for the run (simulations included).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass, field
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
+from hivemind.archive import pack_directory, read_archive_file, validate_archive
+from hivemind.errors import HivemindError, InvalidPolicy
 from hivemind.manifest import RoomManifest
-from hivemind.models import Budgets, Stage, StageUsage, Visibility
+from hivemind.models import Budgets, Stage, StageUsage, StrictModel, Visibility
+from hivemind.policy import ScopePolicy, policy_hash
 from hivemind.receipt import ReceiptAgent
+from pydantic import Field, ValidationError
 
-from hivemind_runner.sandbox.base import PreparedAgent, SandboxBackend
+from hivemind_runner.bridge import (
+    ArtifactStore,
+    BridgeLimits,
+    BridgeServer,
+    SimulationLimit,
+    StageOutput,
+    StageServices,
+    StageSession,
+    StoredArtifact,
+    tool_call_chain,
+)
+from hivemind_runner.llm import LlmGateway, RunLlm
+from hivemind_runner.sandbox.base import Outcome, PreparedAgent, SandboxBackend, SandboxResult, SandboxSpec
+from hivemind_runner.sandbox.process_backend import create_bridge_socket_dir
+from hivemind_runner.scoped import (
+    DataLoadError,
+    ItemInfo,
+    ScopedDatabase,
+    ScopedLimits,
+    build_scoped_database,
+    full_read_database,
+    resolve_policy,
+)
+from hivemind_runner.scoped import RoomItem as ScopedItem
+
+logger = logging.getLogger(__name__)
+
+TEXT_CONTENT_TYPE = "text/plain; charset=utf-8"
+JSON_CONTENT_TYPE = "application/json"
+ERROR_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
+# Agent-reported failure codes that keep their name in the run's error code; any other code becomes
+# ``<stage>_failed``. A closed set: an agent must not be able to write free text into the receipt.
+PASSED_FAILURE_CODES = frozenset({"budget_exceeded", "llm_provider_error", "provider_not_allowed"})
+ORDER = (Stage.SCOPE, Stage.QUERY, Stage.MEDIATOR)
+
+
+# --- the interface the runner's worker uses -----------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -53,6 +120,12 @@ class PipelineInputs:
 
 @dataclass
 class PipelineResult:
+    """What a run produced. ``output`` is set exactly when ``ok``; ``error_code`` exactly when not.
+
+    ``llm_usage`` lists what settlement charges: tokens spent through the operator's provider keys,
+    per provider and model (calls made with the payer's own key are billed by the provider directly).
+    """
+
     ok: bool
     output: bytes | None
     output_content_type: str
@@ -70,11 +143,679 @@ class AgentImages(Protocol):
     def prepare(self, source_dir: Path, source_digest: str) -> PreparedAgent: ...
 
 
+class PipelineConfig(StrictModel):
+    """Tunables of the pipeline; defaults follow docs/agents.md and docs/bridge.md."""
+
+    bridge: BridgeLimits = Field(default_factory=BridgeLimits)
+    scoped: ScopedLimits = Field(default_factory=ScopedLimits)
+    max_simulations: int = Field(default=5, ge=0, le=100, description="simulate calls per run")
+    simulation_timeout_s: int = Field(default=120, ge=1, le=3600, description="cap of one simulation")
+    stop_grace_s: float = Field(default=2.0, ge=0, le=60, description="time to exit after the output")
+    socket_root: Path | None = Field(
+        default=None,
+        description="parent of the per-stage socket directories; must be traversable by uid 10001",
+    )
+    admission_extra_policies: str | None = Field(
+        default=None, description="operator policy specs appended to the bridge's admission chain"
+    )
+    max_inspectable_bytes: int = Field(
+        default=4 * 1024 * 1024, ge=0, description="query agent source text shown to the scope stage"
+    )
+
+
+# --- internal control flow ------------------------------------------------------------------------------
+
+
+class _Failed(Exception):
+    """The run fails with this stable code (never with room data)."""
+
+    def __init__(self, code: str):
+        super().__init__(code)
+        self.code = code
+
+
+class _CallbackFailed(Exception):
+    """``on_stage`` raised: the worker stops the run; the cause is re-raised to it unchanged."""
+
+    def __init__(self, cause: BaseException):
+        super().__init__("on_stage failed")
+        self.cause = cause
+
+
+@dataclass
+class _StageRun:
+    session: StageSession
+    result: SandboxResult
+
+
+def _budget_view(budgets: Budgets, timeout_s: int, llm: RunLlm) -> dict[str, int]:
+    return {
+        "timeout_s": timeout_s,
+        "llm_calls": llm.remaining_calls(),
+        "tokens": llm.remaining_tokens(),
+        "memory_mb": budgets.memory_mb,
+    }
+
+
+def _answer_value(output: StageOutput) -> str | dict[str, Any]:
+    if output.kind == "text" and output.text is not None:
+        return output.text
+    if output.kind == "json" and output.data is not None:
+        return output.data
+    raise ValueError("a failure has no answer")
+
+
+def _redact_json(value: Any, redact: Callable[[str], str]) -> Any:
+    """Every string, key and number of a JSON value through ``redact``; a number it changes becomes text."""
+    if isinstance(value, str):
+        return redact(value)
+    if isinstance(value, bool) or value is None:
+        return value
+    if isinstance(value, int | float):
+        rendered = json.dumps(value)
+        redacted = redact(rendered)
+        return value if redacted == rendered else redacted
+    if isinstance(value, list):
+        return [_redact_json(item, redact) for item in value]
+    if isinstance(value, dict):
+        return {redact(key): _redact_json(item, redact) for key, item in value.items()}
+    return value
+
+
+def _json_leaves(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, list):
+        for item in value:
+            yield from _json_leaves(item)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from _json_leaves(item)
+    elif value is not None and not isinstance(value, bool):
+        yield json.dumps(value)
+
+
+def _serialize(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+
+# --- the pipeline ---------------------------------------------------------------------------------------
+
+
 class Pipeline:
-    def __init__(self, backend: SandboxBackend, images: AgentImages, llm_gateway: object) -> None:
+    """Runs the three stages of a run. One instance serves many runs, concurrently."""
+
+    def __init__(
+        self,
+        backend: SandboxBackend,
+        images: AgentImages,
+        llm_gateway: LlmGateway,
+        *,
+        config: PipelineConfig | None = None,
+    ):
         self.backend = backend
         self.images = images
         self.llm_gateway = llm_gateway
+        self.config = config or PipelineConfig()
+        self.chain = tool_call_chain(
+            max_tool_calls=self.config.bridge.max_tool_calls,
+            max_log_lines=self.config.bridge.max_log_lines,
+            extra_specs=self.config.admission_extra_policies,
+        )
+
+    def socket_root(self) -> Path:
+        root = self.config.socket_root or Path(tempfile.gettempdir()) / "hivemind-bridges"
+        root.mkdir(mode=0o711, parents=True, exist_ok=True)
+        return root
 
     def run(self, inputs: PipelineInputs, on_stage: Callable[[Stage], None]) -> PipelineResult:
-        raise NotImplementedError("the pipeline implementation lands next in this module")
+        """Run the pipeline; a failed run is a result with an error code, not an exception.
+
+        Exceptions raised by ``on_stage`` propagate unchanged (the worker lost the run, for example).
+        """
+        try:
+            return _Run(self, inputs, on_stage).execute()
+        except _CallbackFailed as exc:
+            raise exc.cause from None
+
+
+class _Run:
+    """The state of one run through the pipeline."""
+
+    def __init__(self, pipeline: Pipeline, inputs: PipelineInputs, on_stage: Callable[[Stage], None]):
+        self.pipeline = pipeline
+        self.config = pipeline.config
+        self.inputs = inputs
+        self.manifest = inputs.manifest
+        self.on_stage = on_stage
+        self.prepared: dict[Stage, PreparedAgent] = {}
+        self.receipt_agents: list[ReceiptAgent] = []
+        self.usage: dict[Stage, StageUsage] = {}
+        self.policy_digest: str | None = None
+        self.llm: RunLlm | None = None
+        self.deadline = 0.0
+        self.items: list[ScopedItem] = []
+        self.simulations = 0
+        self.simulation_lock = threading.Lock()
+        self.diagnostics = inputs.workspace / "diagnostics"
+        self.artifact_store: ArtifactStore | None = None
+        self.simulation_runs: list[_StageRun] = []
+
+    @property
+    def meter(self) -> RunLlm:
+        if self.llm is None:
+            raise RuntimeError("the run's LLM meter is opened before the first stage")
+        return self.llm
+
+    # --- the run ---
+
+    def execute(self) -> PipelineResult:
+        try:
+            self._check_agents()
+            self._prepare_agents()
+            self.items = self._scoped_items()
+            self.llm = self.pipeline.llm_gateway.open_run(
+                run_id=self.inputs.run_id,
+                allowed_providers=self.manifest.egress.llm_providers,
+                budgets=self.inputs.budgets,
+                payer_tenant_id=self.inputs.payer_tenant_id,
+            )
+            self.deadline = time.monotonic() + self.inputs.budgets.timeout_s
+            policy = self._scope_stage()
+            answer = self._query_stage(policy)
+            final = self._mediator_stage(policy, answer) if Stage.MEDIATOR in self.prepared else answer
+            output, content_type, artifacts = self._gate(policy, final)
+            return self._result(ok=True, output=output, content_type=content_type, artifacts=artifacts)
+        except _Failed as failure:
+            return self._result(ok=False, error_code=failure.code)
+        except _CallbackFailed:
+            raise
+        except HivemindError as exc:
+            # The runner's own machinery failed (sandbox, engine, store): its code, never its text.
+            logger.error("pipeline of run %s failed: %s", self.inputs.run_id, exc.code)
+            code = exc.code if ERROR_CODE.fullmatch(exc.code) else "internal_error"
+            return self._result(ok=False, error_code=code)
+        except Exception as exc:
+            logger.error("pipeline of run %s failed with %s", self.inputs.run_id, type(exc).__name__)
+            return self._result(ok=False, error_code="internal_error")
+
+    def _result(
+        self,
+        *,
+        ok: bool,
+        output: bytes | None = None,
+        content_type: str = TEXT_CONTENT_TYPE,
+        artifacts: dict[str, Path] | None = None,
+        error_code: str | None = None,
+    ) -> PipelineResult:
+        return PipelineResult(
+            ok=ok,
+            output=output if ok else None,
+            output_content_type=content_type,
+            artifacts=(artifacts or {}) if ok else {},
+            scope_policy_hash=self.policy_digest,
+            agents=list(self.receipt_agents),
+            usage=[self.usage[stage] for stage in ORDER if stage in self.usage],
+            llm_usage=self.llm.provider_usage() if self.llm is not None else [],
+            error_code=None if ok else error_code,
+        )
+
+    # --- preparation ---
+
+    def _check_agents(self) -> None:
+        """The agents handed in are the ones the signed manifest pins (the worker checked; so do we)."""
+        agents, manifest = self.inputs.agents, self.manifest
+        expected: dict[Stage, tuple[str | None, str | None]] = {
+            Stage.SCOPE: (manifest.scope.agent_id, manifest.scope.digest),
+            Stage.QUERY: (manifest.query.agent_id, manifest.query.digest),
+        }
+        if manifest.mediator is not None:
+            expected[Stage.MEDIATOR] = (manifest.mediator.agent_id, manifest.mediator.digest)
+        if set(agents) != set(expected):
+            raise _Failed("agent_missing")
+        for stage, (agent_id, digest) in expected.items():
+            agent = agents[stage]
+            if agent.stage is not stage:
+                raise _Failed("agent_mismatch")
+            # An uploadable room pins no query agent; the worker resolved and verified it.
+            if agent_id is not None and (agent.agent_id, agent.source_digest) != (agent_id, digest):
+                raise _Failed("agent_mismatch")
+
+    def _prepare_agents(self) -> None:
+        for stage in ORDER:
+            agent = self.inputs.agents.get(stage)
+            if agent is None:
+                continue
+            prepared = self.pipeline.images.prepare(agent.source_dir, agent.source_digest)
+            if prepared.source_digest != agent.source_digest:
+                raise _Failed("source_digest_mismatch")
+            self.prepared[stage] = prepared
+            self.receipt_agents.append(
+                ReceiptAgent(
+                    stage=stage,
+                    agent_id=agent.agent_id,
+                    source_digest=agent.source_digest,
+                    image_digest=prepared.image_digest,
+                )
+            )
+
+    def _scoped_items(self) -> list[ScopedItem]:
+        items = []
+        for item in self.inputs.items:
+            try:
+                info = ItemInfo(
+                    id=item.item_id,
+                    name=item.name,
+                    content_type=item.content_type,
+                    size=item.path.stat().st_size,
+                    metadata=dict(item.metadata),
+                )
+            except (ValidationError, OSError):
+                raise _Failed("data_invalid") from None
+            items.append(ScopedItem.from_path(info, item.path))
+        return items
+
+    # --- running one sandboxed stage ---
+
+    def _time_left(self) -> int:
+        return int(self.deadline - time.monotonic())
+
+    def _stage_timeout(self, stage: Stage) -> int:
+        left = self._time_left()
+        if left < 1:
+            raise _Failed(f"{stage.value}_timeout")
+        return left
+
+    def _begin(self, stage: Stage) -> None:
+        try:
+            self.on_stage(stage)
+        except BaseException as exc:
+            raise _CallbackFailed(exc) from None
+
+    @contextmanager
+    def _bridge(self, session: StageSession) -> Iterator[Path]:
+        socket_dir = create_bridge_socket_dir(self.pipeline.socket_root())
+        socket_path = socket_dir / "bridge.sock"
+        server = BridgeServer(session, socket_path)
+        try:
+            server.start()
+            yield socket_path
+        finally:
+            server.close()
+            shutil.rmtree(socket_dir, ignore_errors=True)
+
+    def _sandbox(
+        self,
+        stage: Stage,
+        services: StageServices,
+        timeout_s: int,
+        *,
+        simulated: bool,
+        cancel: threading.Event | None,
+    ) -> _StageRun:
+        session = StageSession(
+            run_id=self.inputs.run_id,
+            stage=stage,
+            services=services,
+            chain=self.pipeline.chain,
+            limits=self.config.bridge,
+            simulated=simulated,
+        )
+        with self._bridge(session) as socket_path:
+            spec = SandboxSpec(
+                agent=self.prepared[stage],
+                role=stage,
+                bridge_socket=socket_path,
+                session_token=session.token,
+                memory_mb=self.inputs.budgets.memory_mb,
+                timeout_s=timeout_s,
+            )
+            stop = threading.Event()
+            done = threading.Event()
+            watcher = threading.Thread(
+                target=self._stop_after_output, args=(session, stop, done, cancel), daemon=True
+            )
+            watcher.start()
+            try:
+                result = self.pipeline.backend.run(spec, stop=stop)
+            finally:
+                done.set()
+                watcher.join()
+        return _StageRun(session, result)
+
+    def _stop_after_output(
+        self,
+        session: StageSession,
+        stop: threading.Event,
+        done: threading.Event,
+        cancel: threading.Event | None,
+    ) -> None:
+        """Stop the sandbox once the stage posted its output (after a grace to exit), or on ``cancel``."""
+        while not done.is_set():
+            if cancel is not None and cancel.is_set():
+                stop.set()
+                return
+            if session.finished.wait(0.05):
+                if not done.wait(self.config.stop_grace_s):
+                    stop.set()
+                return
+
+    def _record(self, stage: Stage, run: _StageRun, name: str) -> None:
+        """Keep the stage's logs, output and failure text with the run's diagnostics (inside the TEE)."""
+        output = run.session.output
+        record = {
+            "stage": stage.value,
+            "outcome": run.result.outcome.value,
+            "exit_code": run.result.exit_code,
+            "duration_ms": run.result.duration_ms,
+            "logs": run.session.logs,
+            "failure": None
+            if output is None or not output.failed
+            else {"code": output.error_code, "message": output.error_message},
+            "stdout": run.result.stdout.decode("utf-8", "replace"),
+            "stderr": run.result.stderr.decode("utf-8", "replace"),
+        }
+        try:
+            self.diagnostics.mkdir(mode=0o700, parents=True, exist_ok=True)
+            descriptor = os.open(
+                self.diagnostics / f"{name}.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600
+            )
+            with os.fdopen(descriptor, "w", encoding="utf-8") as handle:
+                json.dump(record, handle, ensure_ascii=False)
+        except OSError as exc:
+            logger.warning("diagnostics of run %s not written: %s", self.inputs.run_id, type(exc).__name__)
+
+    def _account(self, stage: Stage, runs: list[_StageRun]) -> None:
+        tool_calls: dict[str, int] = {}
+        for run in runs:
+            for tool, count in run.session.tool_counts.items():
+                tool_calls[tool] = tool_calls.get(tool, 0) + count
+        llm = self.meter.stage_usage(stage)
+        self.usage[stage] = StageUsage(
+            stage=stage,
+            duration_ms=sum(run.result.duration_ms for run in runs),
+            tool_calls=tool_calls,
+            llm_calls=llm.calls,
+            prompt_tokens=llm.prompt_tokens,
+            completion_tokens=llm.completion_tokens,
+        )
+
+    @staticmethod
+    def _outcome(stage: Stage, run: _StageRun) -> StageOutput:
+        """The stage's answer, or the failure code the run ends with."""
+        output = run.session.output
+        if output is not None and not output.failed:
+            return output
+        if output is not None:
+            code = output.error_code or ""
+            raise _Failed(
+                f"{stage.value}_{code}" if code in PASSED_FAILURE_CODES else f"{stage.value}_failed"
+            )
+        if run.result.outcome is Outcome.TIMEOUT:
+            raise _Failed(f"{stage.value}_timeout")
+        if run.result.outcome is Outcome.OOM:
+            raise _Failed(f"{stage.value}_out_of_memory")
+        raise _Failed(f"{stage.value}_failed")
+
+    def _run_stage(self, stage: Stage, services: StageServices, timeout_s: int) -> StageOutput:
+        run = self._sandbox(stage, services, timeout_s, simulated=False, cancel=None)
+        self._record(stage, run, stage.value)
+        runs = [run]
+        if stage is Stage.SCOPE:
+            runs += self.simulation_runs
+        self._account(stage, runs)
+        return self._outcome(stage, run)
+
+    def _input(
+        self, role: Stage, *, prompt: str | None, schema: Any, timeout_s: int, **rest: Any
+    ) -> dict[str, Any]:
+        return {
+            "role": role.value,
+            "prompt": prompt,
+            "rules": self.manifest.rules,
+            "policy": self.manifest.policy,
+            "schema": schema,
+            "budgets": _budget_view(self.inputs.budgets, timeout_s, self.meter),
+            "llm_providers": list(self.manifest.egress.llm_providers),
+            **rest,
+        }
+
+    # --- scope ---
+
+    @property
+    def prompt_visible_to_scope(self) -> bool:
+        """The scope agent sees the prompt only when its source is inspectable: a participant can read
+        what it does with the prompt before accepting the room (docs/bridge.md, "Prompt visibility")."""
+        return self.manifest.scope.visibility is Visibility.INSPECTABLE
+
+    def _query_agent_view(self) -> dict[str, Any]:
+        agent = self.inputs.agents[Stage.QUERY]
+        files: dict[str, str] | None = None
+        if agent.visibility is Visibility.INSPECTABLE:
+            files = self._inspectable_files(agent)
+        return {
+            "agent_id": agent.agent_id,
+            "digest": agent.source_digest,
+            "visibility": agent.visibility.value,
+            "files": files,
+        }
+
+    def _inspectable_files(self, agent: StageAgent) -> dict[str, str]:
+        """The query agent's text files, read from the packed source whose digest was just checked."""
+        packed = pack_directory(agent.source_dir)
+        manifest = validate_archive(packed)
+        if manifest.digest != agent.source_digest:
+            raise _Failed("source_digest_mismatch")
+        files: dict[str, str] = {}
+        budget = self.config.max_inspectable_bytes
+        for entry in manifest.files:
+            if entry.size > budget:
+                continue
+            try:
+                files[entry.path] = read_archive_file(packed, entry.path).decode("utf-8")
+            except UnicodeDecodeError:
+                continue  # binary files are not shown; their digests are part of the source digest
+            budget -= entry.size
+        return files
+
+    def _scope_stage(self) -> ScopePolicy:
+        self._begin(Stage.SCOPE)
+        timeout = self._stage_timeout(Stage.SCOPE)
+        try:
+            database = full_read_database(self.items, self.config.scoped)
+        except DataLoadError as exc:
+            raise _Failed(exc.code) from None
+        with database:
+            data_policy = self.manifest.data_policy
+            scope_finished = threading.Event()
+            services = StageServices(
+                input_document=self._input(
+                    Stage.SCOPE,
+                    prompt=self.inputs.prompt if self.prompt_visible_to_scope else None,
+                    schema=database.schema(role=Stage.SCOPE).model_dump(mode="json"),
+                    timeout_s=timeout,
+                    artifacts_allowed=False,
+                    stage={
+                        "prompt_visible": self.prompt_visible_to_scope,
+                        "data_policy": None if data_policy is None else data_policy.model_dump(mode="json"),
+                        "query_agent": self._query_agent_view(),
+                    },
+                ),
+                database=database,
+                llm=self.meter,
+                llm_allowed=bool(self.manifest.egress.llm_providers),
+                simulator=self._simulator(scope_finished),
+            )
+            try:
+                output = self._run_stage(Stage.SCOPE, services, timeout)
+            finally:
+                scope_finished.set()
+        if output.kind != "json" or output.data is None:
+            raise _Failed("scope_policy_invalid")
+        try:
+            policy = resolve_policy(output.data, data_policy)
+        except InvalidPolicy:
+            raise _Failed("scope_policy_invalid") from None
+        self.policy_digest = policy_hash(policy)
+        return policy
+
+    def _simulator(
+        self, scope_finished: threading.Event
+    ) -> Callable[[Mapping[str, Any], str], dict[str, Any]]:
+        def simulate(candidate: Mapping[str, Any], prompt: str) -> dict[str, Any]:
+            policy = resolve_policy(candidate, self.manifest.data_policy)  # InvalidPolicy: 400 invalid_policy
+            with self.simulation_lock:
+                if self.simulations >= self.config.max_simulations:
+                    raise SimulationLimit(f"a run may simulate at most {self.config.max_simulations} times")
+                self.simulations += 1
+                number = self.simulations
+            timeout = min(self.config.simulation_timeout_s, self._time_left() - 1)
+            if timeout < 1:
+                return {
+                    "output": None,
+                    "error": {"code": "timeout", "message": "the scope stage has no time left"},
+                }
+            try:
+                database = build_scoped_database(self.items, policy, self.config.scoped)
+            except DataLoadError as exc:
+                return {"output": None, "error": {"code": exc.code, "message": exc.message}}
+            with database, tempfile.TemporaryDirectory(dir=self.inputs.workspace) as scratch:
+                services = self._query_services(policy_database=database, prompt=prompt, timeout_s=timeout)
+                # Simulated artifacts are kept apart and discarded with the scratch directory.
+                artifacts = ArtifactStore(Path(scratch) / "artifacts", self.config.bridge)
+                services = replace(
+                    services, artifacts=artifacts if services.artifacts_allowed else None, bill_to=Stage.SCOPE
+                )
+                run = self._sandbox(Stage.QUERY, services, timeout, simulated=True, cancel=scope_finished)
+            self._record(Stage.QUERY, run, f"scope-simulation-{number}")
+            self.simulation_runs.append(run)
+            return self._simulation_answer(run)
+
+        return simulate
+
+    @staticmethod
+    def _simulation_answer(run: _StageRun) -> dict[str, Any]:
+        output = run.session.output
+        if output is not None and not output.failed:
+            return {"output": _answer_value(output), "error": None}
+        if output is not None:
+            return {
+                "output": None,
+                "error": {"code": output.error_code, "message": output.error_message or ""},
+            }
+        messages = {
+            Outcome.TIMEOUT: ("timeout", "the query agent did not answer in time"),
+            Outcome.OOM: ("out_of_memory", "the query agent ran out of memory"),
+        }
+        code, message = messages.get(
+            run.result.outcome, ("failed", "the query agent exited without an output")
+        )
+        return {"output": None, "error": {"code": code, "message": message}}
+
+    # --- query ---
+
+    def _query_services(
+        self, *, policy_database: ScopedDatabase, prompt: str, timeout_s: int
+    ) -> StageServices:
+        allowed = self.manifest.egress.artifacts
+        return StageServices(
+            input_document=self._input(
+                Stage.QUERY,
+                prompt=prompt,
+                schema=policy_database.schema(role=Stage.QUERY).model_dump(mode="json"),
+                timeout_s=timeout_s,
+                artifacts_allowed=allowed,
+                stage={},
+            ),
+            database=policy_database,
+            llm=self.meter,
+            llm_allowed=bool(self.manifest.egress.llm_providers),
+            artifacts_allowed=allowed,
+        )
+
+    def _query_stage(self, policy: ScopePolicy) -> StageOutput:
+        self._begin(Stage.QUERY)
+        timeout = self._stage_timeout(Stage.QUERY)
+        try:
+            database = build_scoped_database(self.items, policy, self.config.scoped)
+        except InvalidPolicy:
+            # The policy names tables or columns the data does not have: fail closed.
+            raise _Failed("scope_policy_invalid") from None
+        except DataLoadError as exc:
+            raise _Failed(exc.code) from None
+        with database:
+            services = self._query_services(
+                policy_database=database, prompt=self.inputs.prompt, timeout_s=timeout
+            )
+            if services.artifacts_allowed:
+                self.artifact_store = ArtifactStore(self.inputs.workspace / "artifacts", self.config.bridge)
+                services = replace(services, artifacts=self.artifact_store)
+            return self._run_stage(Stage.QUERY, services, timeout)
+
+    # --- mediator ---
+
+    def _mediator_stage(self, policy: ScopePolicy, answer: StageOutput) -> StageOutput:
+        self._begin(Stage.MEDIATOR)
+        timeout = self._stage_timeout(Stage.MEDIATOR)
+        services = StageServices(
+            input_document=self._input(
+                Stage.MEDIATOR,
+                prompt=self.inputs.prompt,
+                schema=None,
+                timeout_s=timeout,
+                artifacts_allowed=False,
+                stage={
+                    "answer": answer.answer(),
+                    "output_rules": {"deny": list(policy.output.deny), "redact": list(policy.output.redact)},
+                },
+            ),
+            llm=self.meter,
+            llm_allowed=bool(self.manifest.egress.llm_providers),
+        )
+        return self._run_stage(Stage.MEDIATOR, services, timeout)
+
+    # --- the last gate ---
+
+    def _gate(self, policy: ScopePolicy, final: StageOutput) -> tuple[bytes, str, dict[str, Path]]:
+        rules = policy.output
+        value = _answer_value(final)
+        if isinstance(value, str):
+            if rules.denied_by(value) is not None:
+                raise _Failed("output_denied")
+            output = rules.redact_text(value).encode("utf-8")
+            content_type = TEXT_CONTENT_TYPE
+        else:
+            if rules.denied_by(_serialize(value)) is not None or any(
+                rules.denied_by(leaf) is not None for leaf in _json_leaves(value)
+            ):
+                raise _Failed("output_denied")
+            output = _serialize(_redact_json(value, rules.redact_text)).encode("utf-8")
+            content_type = JSON_CONTENT_TYPE
+        artifacts = (
+            {} if self.artifact_store is None else self._gate_artifacts(policy, self.artifact_store.stored)
+        )
+        return output, content_type, artifacts
+
+    @staticmethod
+    def _gate_artifacts(policy: ScopePolicy, stored: Mapping[str, StoredArtifact]) -> dict[str, Path]:
+        """Text artifacts pass the same deny/redact rules as the answer; binary ones cannot be checked, so
+        they leave only when the policy has no output rules at all."""
+        rules = policy.output
+        gated: dict[str, Path] = {}
+        for name, artifact in sorted(stored.items()):
+            data = artifact.path.read_bytes()
+            try:
+                text = data.decode("utf-8")
+            except UnicodeDecodeError:
+                if rules.deny or rules.redact:
+                    raise _Failed("artifact_unverifiable") from None
+                gated[name] = artifact.path
+                continue
+            if rules.denied_by(text) is not None:
+                raise _Failed("output_denied")
+            redacted = rules.redact_text(text)
+            if redacted != text:
+                artifact.path.write_bytes(redacted.encode("utf-8"))
+            gated[name] = artifact.path
+        return gated

@@ -22,8 +22,8 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TextIO
 
-from hivemind.models import StageUsage, StrictModel
-from pydantic import Field
+from hivemind.models import StageUsage
+from hivemind.store.prices import LlmUsage
 
 REDACTED = "[redacted]"
 # Ids, codes, stage and tool names, hashes, versions: nothing that could hold a sentence of room data.
@@ -109,15 +109,6 @@ class StructuredLogger:
 
 
 # --- usage -----------------------------------------------------------------------------------------
-
-
-class LlmUsage(StrictModel):
-    """Tokens one run spent with one provider and model: what settlement prices."""
-
-    provider: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
-    model: str = Field(min_length=1, max_length=128)
-    prompt_tokens: int = Field(ge=0)
-    completion_tokens: int = Field(ge=0)
 
 
 def aggregate_llm_usage(calls: Iterable[Mapping[str, Any] | LlmUsage]) -> list[LlmUsage]:

@@ -66,6 +66,12 @@ class WorkerSettings:
             raise ValueError("the visibility heartbeat must come before the visibility timeout runs out")
 
 
+def _aws_code(exc: ClientError | BotoCoreError) -> str:
+    if isinstance(exc, ClientError):
+        return str(exc.response.get("Error", {}).get("Code", "ClientError"))
+    return type(exc).__name__
+
+
 @dataclass
 class _InFlight:
     receipt_handle: str
@@ -113,6 +119,11 @@ class RunWorker:
         """Stop receiving (safe from a signal handler); :meth:`serve` returns once runs are done."""
         self._stopping.set()
 
+    def unfinished(self) -> int:
+        """Runs still executing (after :meth:`serve` returned: those abandoned to redelivery)."""
+        with self._lock:
+            return len(self._futures)
+
     def poll_once(self) -> int:
         """One receive for the free slots; dispatches what came and returns how many messages."""
         free = self._acquire_free_slots()
@@ -121,7 +132,7 @@ class RunWorker:
         try:
             messages = self._receive(free)
         except (ClientError, BotoCoreError) as exc:
-            self._logger.warning("receive_failed", error_type=type(exc).__name__)
+            self._logger.warning("receive_failed", error_code=_aws_code(exc))
             self._release(free)
             self._stopping.wait(1.0)
             return 0
@@ -203,7 +214,7 @@ class RunWorker:
             self._sqs.delete_message(QueueUrl=self._queue_url, ReceiptHandle=handle)
         except (ClientError, BotoCoreError) as exc:
             # The run is finished; a redelivery finds it terminal and changes nothing.
-            self._logger.warning("delete_failed", run_id=run_id, error_type=type(exc).__name__)
+            self._logger.warning("delete_failed", run_id=run_id, error_code=_aws_code(exc))
 
     def _set_visibility(self, handle: str, seconds: int) -> bool:
         try:
@@ -211,7 +222,7 @@ class RunWorker:
                 QueueUrl=self._queue_url, ReceiptHandle=handle, VisibilityTimeout=seconds
             )
         except (ClientError, BotoCoreError) as exc:
-            self._logger.warning("visibility_change_failed", error_type=type(exc).__name__)
+            self._logger.warning("visibility_change_failed", error_code=_aws_code(exc))
             return False
         return True
 

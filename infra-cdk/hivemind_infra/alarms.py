@@ -30,6 +30,7 @@ from constructs import Construct
 from hivemind_infra.config import EnvironmentConfig
 
 _PERIOD = Duration.minutes(5)
+_AT_LEAST = cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD
 
 
 class Alarms(Construct):
@@ -79,7 +80,9 @@ class Alarms(Construct):
         )
         self._alarm(
             "SettlementsDeadLetters",
-            settlements_dlq.metric_approximate_number_of_messages_visible(period=_PERIOD, statistic="Maximum"),
+            settlements_dlq.metric_approximate_number_of_messages_visible(
+                period=_PERIOD, statistic="Maximum"
+            ),
             threshold=1,
             description="A settlement kept failing: a finished run is not billed until it is replayed.",
         )
@@ -131,7 +134,7 @@ class Alarms(Construct):
         *,
         threshold: float,
         description: str,
-        comparison: cloudwatch.ComparisonOperator = cloudwatch.ComparisonOperator.GREATER_THAN_OR_EQUAL_TO_THRESHOLD,
+        comparison: cloudwatch.ComparisonOperator = _AT_LEAST,
         missing: cloudwatch.TreatMissingData = cloudwatch.TreatMissingData.NOT_BREACHING,
         evaluation_periods: int = 1,
     ) -> None:

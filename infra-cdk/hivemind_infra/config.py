@@ -34,7 +34,9 @@ CDK_JSON = Path(__file__).resolve().parent.parent / "cdk.json"
 LOG_RETENTION_DAYS = frozenset(
     {1, 3, 5, 7, 14, 30, 60, 90, 120, 150, 180, 365, 400, 545, 731, 1096, 1827, 2192, 2557, 2922, 3288, 3653}
 )
-_PRINCIPAL_ARN = re.compile(r"^arn:aws[a-z-]*:iam::\d{12}:(root|user/[A-Za-z0-9+=,.@/_-]+|role/[A-Za-z0-9+=,.@/_-]+)$")
+_PRINCIPAL_ARN = re.compile(
+    r"^arn:aws[a-z-]*:iam::\d{12}:(root|user/[A-Za-z0-9+=,.@/_-]+|role/[A-Za-z0-9+=,.@/_-]+)$"
+)
 _EMAIL = re.compile(r"^[^@\s]{1,64}@[^@\s]{1,255}\.[a-z]{2,}$")
 
 
@@ -70,7 +72,9 @@ class EnvironmentConfig(BaseModel):
     # Principals allowed to assume the runner role; empty: any principal of this account whose own
     # IAM policy allows sts:AssumeRole on it (the account root is trusted).
     runner_trusted_principals: tuple[str, ...] = ()
-    runner_external_id: str | None = Field(default=None, min_length=2, max_length=1224, pattern=r"^[A-Za-z0-9+=,.@:/_-]+$")
+    runner_external_id: str | None = Field(
+        default=None, min_length=2, max_length=1224, pattern=r"^[A-Za-z0-9+=,.@:/_-]+$"
+    )
 
     # --- API and operations ---
     api_throttle_rate: int = Field(default=50, ge=1, le=10_000)

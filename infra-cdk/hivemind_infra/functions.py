@@ -269,9 +269,7 @@ class Functions(Construct):
             "JanitorSchedule",
             description="Runs the Hivemind janitor",
             schedule=events.Schedule.rate(Duration.minutes(config.janitor_interval_minutes)),
-            targets=[
-                targets.LambdaFunction(self.janitor, retry_attempts=2, max_event_age=Duration.hours(1))
-            ],
+            targets=[targets.LambdaFunction(self.janitor, retry_attempts=2, max_event_age=Duration.hours(1))],
         )
 
     def _function(self, spec: FunctionSpec) -> lambda_.Function:

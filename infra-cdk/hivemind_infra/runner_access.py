@@ -104,7 +104,9 @@ class RunnerAccess(Construct):
         )
         policy.add_statements(
             storage.object_statement(
-                ["s3:GetObject", "s3:GetObjectVersion"], RUNNER_READ_KEYS, sid="ReadRoomAgentAndEnvelopeObjects"
+                ["s3:GetObject", "s3:GetObjectVersion"],
+                RUNNER_READ_KEYS,
+                sid="ReadRoomAgentAndEnvelopeObjects",
             ),
             storage.object_statement(
                 ["s3:AbortMultipartUpload", "s3:PutObject"], RUNNER_WRITE_KEYS, sid="WriteRunResults"

@@ -87,7 +87,7 @@ class HivemindStack(Stack):
                     NagPackSuppression(id=rule, reason=reason, applies_to=applies_to)
                     for rule, reason, applies_to in rules
                 ],
-                apply_to_children=True,
+                apply_to_children=False,
             )
 
 
@@ -98,7 +98,9 @@ OBJECT_WILDCARD_REASON = (
 )
 
 
-def object_findings(stack: HivemindStack, statements: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...]) -> list[str]:
+def object_findings(
+    stack: HivemindStack, statements: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...]
+) -> list[str]:
     """The IAM5 finding ids cdk-nag reports for the object key patterns of ``statements``."""
     bucket = stack.resolve(stack.get_logical_id(stack.storage.bucket.node.default_child))  # type: ignore[arg-type]
     patterns = sorted({pattern for _, key_patterns in statements for pattern in key_patterns})
@@ -112,15 +114,7 @@ def suppressions(stack: HivemindStack) -> dict[str, list[tuple[str, str, list[st
         "(scripts/build_layers.py, hivemind_infra.config.LAMBDA_PYTHON_VERSION); upgrade both together."
     )
     found: dict[str, list[tuple[str, str, list[str] | None]]] = {
-        "Storage/AccessLogs/Resource": [
-            (
-                "AwsSolutions-S1",
-                "This bucket receives the blob bucket's server access logs; logging it into itself "
-                "would loop.",
-                None,
-            ),
-        ],
-        "Http/Api/Resource": [
+        "Http/Api/DefaultRoute/Resource": [
             (
                 "AwsSolutions-APIG4",
                 "Every request is authenticated in the application with bearer tokens looked up by hash "
@@ -145,6 +139,7 @@ def suppressions(stack: HivemindStack) -> dict[str, list[tuple[str, str, list[st
                 ("AwsSolutions-IAM5", OBJECT_WILDCARD_REASON, object_findings(stack, spec.objects))
             ]
     return found
+
 
 def build_app(
     *,

@@ -20,11 +20,22 @@ from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
-from hivemind.store.schema import SCHEMA, AttrType, KeyAttr, TableRole, TableSpec, bucket_tls_policy, resource_name
+from hivemind.store.schema import (
+    SCHEMA,
+    AttrType,
+    KeyAttr,
+    TableRole,
+    TableSpec,
+    bucket_tls_policy,
+    resource_name,
+)
 
 from hivemind_infra.config import EnvironmentConfig
 
-_ATTRIBUTE_TYPES = {AttrType.STRING: dynamodb.AttributeType.STRING, AttrType.NUMBER: dynamodb.AttributeType.NUMBER}
+_ATTRIBUTE_TYPES = {
+    AttrType.STRING: dynamodb.AttributeType.STRING,
+    AttrType.NUMBER: dynamodb.AttributeType.NUMBER,
+}
 _BUCKET_ENCRYPTION = {"AES256": s3.BucketEncryption.S3_MANAGED}
 # Lifecycle rules whose prefix starts here expire run objects; the environment sets their TTL.
 RUN_OBJECTS_PREFIX = "runs/"
@@ -105,7 +116,9 @@ class Storage(Construct):
 
     def _table(self, spec: TableSpec) -> dynamodb.Table:
         if spec.billing_mode != "PAY_PER_REQUEST":
-            raise ValueError(f"table {spec.role}: only on-demand billing is supported, not {spec.billing_mode}")
+            raise ValueError(
+                f"table {spec.role}: only on-demand billing is supported, not {spec.billing_mode}"
+            )
         table = dynamodb.Table(
             self,
             f"Table-{spec.role.value}",
@@ -154,7 +167,10 @@ class Storage(Construct):
         spec = SCHEMA.bucket
         if spec.encryption not in _BUCKET_ENCRYPTION:
             raise ValueError(f"bucket encryption {spec.encryption!r} is not supported by the stack")
-        name = self.config.bucket_name or f"{resource_name(self.config.prefix, spec.role)}-{Aws.ACCOUNT_ID}-{Aws.REGION}"
+        name = (
+            self.config.bucket_name
+            or f"{resource_name(self.config.prefix, spec.role)}-{Aws.ACCOUNT_ID}-{Aws.REGION}"
+        )
         rules = [
             s3.LifecycleRule(
                 id=rule.rule_id,

@@ -96,14 +96,16 @@ def build(out: Path) -> Path:
         str(constraints),
         *requirements,
     ]
-    print(f"build_layers: {len(requirements)} requirements for {LAMBDA_PLATFORM} / CPython {LAMBDA_PYTHON_VERSION}")
+    target_name = f"{LAMBDA_PLATFORM} / CPython {LAMBDA_PYTHON_VERSION}"
+    print(f"build_layers: {len(requirements)} requirements for {target_name}")
     subprocess.run(command, check=True)  # noqa: S603 (our own interpreter, fixed arguments)
     # Console scripts are useless in a layer; caches only grow it.
     shutil.rmtree(target / "bin", ignore_errors=True)
     for cache in list(target.rglob("__pycache__")):
         shutil.rmtree(cache, ignore_errors=True)
     installed = sorted(
-        f"{dist.metadata['Name']}=={dist.version}" for dist in importlib.metadata.distributions(path=[str(target)])
+        f"{dist.metadata['Name']}=={dist.version}"
+        for dist in importlib.metadata.distributions(path=[str(target)])
     )
     (out / "requirements.lock").write_text("\n".join(installed) + "\n", encoding="utf-8")
     size = tree_size(target)

@@ -39,6 +39,8 @@ wraps, HMS1-sealed items, presigned uploads to the moto server)::
     runner = hm.runner()                             # RunnerHandle: a live simulated runner
     admin = hm.admin()                               # AdminKey
 
+``hm.tamper_room(room, mutate)`` edits the stored manifest row in DynamoDB directly (tamper tests).
+``hm_lambda`` is the same harness on ``lambda_api`` only (for long refusal matrices).
 ``hm.room`` accepts the manifest's parts as keyword overrides (``query_mode``, ``output``,
 ``egress_providers``, ``runner_trust``, ``budgets``, ``mediator``, ...). Builders that do not call the
 API (``hm.manifest``, ``hm.sign``, ``hm.archive``, ``hm.sealed_item``) let tests make bad requests.
@@ -54,7 +56,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,8 +104,10 @@ from hivemind.models import (
 )
 from hivemind.seal import SealContext, seal_bytes
 from hivemind.store import AwsClients, Store
+from hivemind.store.base import deserialize, serialize
 from hivemind.store.credentials import CredentialKind, CredentialRecord
 from hivemind.store.runners import RunnerRecord
+from hivemind.store.schema import TableRole
 from hivemind.tokens import Secret, TokenKind, random_id
 from hivemind.trust import RunnerTrust, RunnerTrustMode
 from hivemind_functions.api.app import create_app
@@ -374,6 +378,12 @@ def lambda_api(app: FastAPI) -> LambdaApiClient:
 
 
 @pytest.fixture
+def lambda_client_for() -> Callable[[FastAPI], LambdaApiClient]:
+    """A Lambda-event client for an app a test built itself (e.g. with extra test routes)."""
+    return LambdaApiClient
+
+
+@pytest.fixture
 def http_api(app: FastAPI, _http_server: _HttpServer) -> Iterator[HttpApiClient]:
     _http_server.switch.target = app
     client = HttpApiClient(_http_server.base_url)
@@ -495,6 +505,10 @@ class AgentUpload:
     archive: bytes = field(repr=False)
     digest: str
     agent_key: bytes | None = field(default=None, repr=False)
+
+    def commit_body(self) -> dict[str, Any]:
+        """``{size, sha256}`` of the uploaded bytes, as ``POST /v1/room-agents/{id}/commit`` takes it."""
+        return {"size": len(self.blob), "sha256": sha256_hex(self.blob)}
 
 
 @dataclass
@@ -651,7 +665,9 @@ class Harness:
         agent_id = created["agent"]["agent_id"]
         self.put_upload(created["upload"], upload.blob)
         if commit:
-            self.api.post(f"/v1/room-agents/{agent_id}/commit", token=owner.token).ok()
+            self.api.post(
+                f"/v1/room-agents/{agent_id}/commit", token=owner.token, json=upload.commit_body()
+            ).ok()
         return AgentHandle(
             agent_id=agent_id,
             digest=upload.digest,
@@ -681,6 +697,7 @@ class Harness:
                 "visibility": "inspectable",
                 "size": len(archive),
                 "sha256": sha256_hex(archive),
+                "source_digest": digest,
             }
             return AgentUpload(body=body, blob=archive, archive=archive, digest=digest)
         runner = runner or self.runner()
@@ -811,6 +828,17 @@ class Harness:
         room.signed = updated
         return updated
 
+    def tamper_room(self, room: RoomHandle | str, mutate: Callable[[dict[str, Any]], None]) -> None:
+        """Change the room's stored manifest row directly in DynamoDB, as an attacker with table access
+        would: ``mutate`` gets the row (``envelope``, ``manifest_hash``, ``revision``, ...) and edits it."""
+        room_id = room if isinstance(room, str) else room.room_id
+        table = self.store.config.table_name(TableRole.ROOMS)
+        client = self.store.clients.dynamodb
+        key = serialize({"room_id": room_id, "sk": "manifest"})
+        row = deserialize(client.get_item(TableName=table, Key=key, ConsistentRead=True)["Item"])
+        mutate(row)
+        client.put_item(TableName=table, Item=serialize(row))
+
     # --- invites -------------------------------------------------------------------------------
 
     def invite(
@@ -825,10 +853,7 @@ class Harness:
     ) -> InviteKey:
         """Create an invite (the owner's, or one derived from the invite ``by``) with its DEK wrap."""
         issuer = by or room.owner
-        parent_id = issuer.invite_id if isinstance(issuer, InviteKey) else None
-        invite = InviteKey(
-            secret=Secret.generate(TokenKind.INVITE), room_id=room.room_id, parent_id=parent_id
-        )
+        invite = self.invite_key(room, parent=issuer if isinstance(issuer, InviteKey) else None)
         self.api.post(
             f"/v1/rooms/{room.room_id}/invites",
             token=issuer.token,
@@ -837,6 +862,15 @@ class Harness:
             ),
         ).ok(201)
         return invite
+
+    @staticmethod
+    def invite_key(room: RoomHandle, *, parent: InviteKey | None = None) -> InviteKey:
+        """A fresh invite secret for ``room`` (not registered: see :meth:`invite`)."""
+        return InviteKey(
+            secret=Secret.generate(TokenKind.INVITE),
+            room_id=room.room_id,
+            parent_id=parent.invite_id if parent is not None else None,
+        )
 
     @staticmethod
     def invite_body(
@@ -907,7 +941,18 @@ class Harness:
 
 @pytest.fixture
 def hm(api: ApiClient, store: Store) -> Iterator[Harness]:
+    """The harness on the parametrized ``api`` (the test runs once per transport)."""
     harness = Harness(api, store)
+    try:
+        yield harness
+    finally:
+        harness.close()
+
+
+@pytest.fixture
+def hm_lambda(lambda_api: LambdaApiClient, store: Store) -> Iterator[Harness]:
+    """The harness on ``lambda_api`` only: for refusal matrices that need not run twice."""
+    harness = Harness(lambda_api, store)
     try:
         yield harness
     finally:

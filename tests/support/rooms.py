@@ -287,7 +287,7 @@ def upload_agent(
     packed = pack_directory(source_dir)
     files = validate_archive(packed)
     body = packed if archive is None else archive
-    sealed_key: str | None = None
+    sealed_key: SealedEnvelope | None = None
     if visibility is Visibility.SEALED:
         if runner_keys is None:
             raise ValueError("a sealed agent needs the runner's attested HPKE keys")
@@ -301,7 +301,7 @@ def upload_agent(
         body = seal_bytes(body, key=agent_key, context=context)
         sealed_key = seal_to(
             runner_keys, agent_key, info=AGENT_KEY_INFO_PREFIX + agent_id.encode(), suite=HpkeSuite.X25519
-        ).to_json()
+        )
     now = store.clock()
     fields: dict[str, object] = {
         "agent_id": agent_id,

@@ -14,25 +14,34 @@ from hivemind.errors import (
     FloatInSignedDocument,
     InvalidInput,
     InvalidLink,
+    KeyRotationError,
     ManifestError,
     RevisionRollback,
     SignatureError,
 )
 from hivemind.keys import owner_box_key, owner_sign_key, public_bytes
 from hivemind.manifest import (
+    KEY_ROTATION_CONTEXT,
+    ROOM_SIGNING_CONTEXT,
     AgentRef,
     EgressRule,
     InviteLink,
+    KeyRotation,
     OutputRule,
     QueryRule,
     RoomManifest,
+    SignedKeyRotation,
     SignedManifest,
     encode_link,
+    follow_key_rotations,
     manifest_hash,
     next_revision,
     parse_link,
+    rotated_revision,
     rules_digest,
+    sign_key_rotation,
     sign_manifest,
+    verify_key_rotation,
     verify_manifest,
 )
 from hivemind.models import DEFAULT_BUDGET_LIMITS, OutputVisibility, QueryMode, Visibility
@@ -403,3 +412,161 @@ def test_link_owner_key_pins_the_manifest() -> None:
 def test_box_key_is_x25519_sized() -> None:
     with pytest.raises(ValidationError, match="X25519 public key must be 32 bytes"):
         make_manifest(owner_box_pub=b64encode(public_bytes(X25519PrivateKey.generate()) + b"\x00"))
+
+
+# --- owner key rotation ----------------------------------------------------------------------------
+
+NEW_OWNER = Secret(TokenKind.TENANT, bytes(range(100, 132)))
+NEWER_OWNER = Secret(TokenKind.TENANT, bytes(range(200, 232)))
+
+
+def _pubs(secret: Secret) -> tuple[str, str]:
+    return (
+        b64encode(public_bytes(owner_sign_key(secret))),
+        b64encode(public_bytes(owner_box_key(secret))),
+    )
+
+
+def rotation_cert(old: Secret, new: Secret, *, tenant_id: str = "tn_owner1", at: int = 1_760_000_000):
+    new_sign, new_box = _pubs(new)
+    rotation = KeyRotation(
+        tenant_id=tenant_id,
+        old_sign_pub=_pubs(old)[0],
+        new_sign_pub=new_sign,
+        new_box_pub=new_box,
+        rotated_at=at,
+    )
+    return sign_key_rotation(rotation, owner_sign_key(old))
+
+
+def test_rotation_signature_is_over_the_documented_bytes() -> None:
+    signed = rotation_cert(OWNER, NEW_OWNER)
+    expected = KEY_ROTATION_CONTEXT + rfc8785.dumps(signed.rotation.model_dump(mode="json"))
+    owner_sign_key(OWNER).public_key().verify(b64decode(signed.signature), expected)
+    assert KEY_ROTATION_CONTEXT == b"hivemind-key-rotation-v1\n"
+    assert SignedKeyRotation.from_json(signed.to_json()) == signed
+    assert verify_key_rotation(signed) == signed.rotation
+
+
+def test_rotated_manifest_verifies_against_the_old_pinned_key_through_the_chain() -> None:
+    first = make_manifest()
+    cert = rotation_cert(OWNER, NEW_OWNER)
+    second = rotated_revision(first, cert.rotation)
+    assert (second.revision, second.owner_sign_pub, second.owner_box_pub) == (2, *_pubs(NEW_OWNER))
+    assert second.model_dump(exclude={"revision", "owner_sign_pub", "owner_box_pub"}) == first.model_dump(
+        exclude={"revision", "owner_sign_pub", "owner_box_pub"}
+    )
+    signed = sign_manifest(second, owner_sign_key(NEW_OWNER))
+    # A link pinning the old key: refused without the chain, accepted with it.
+    with pytest.raises(SignatureError, match="substituted manifest"):
+        verify(signed)
+    assert verify(signed, rotations=[cert], min_revision=1).revision == 2
+    # A reader that pins the new key needs no chain.
+    assert verify(signed, expected_owner_sign_pub=_pubs(NEW_OWNER)[0]).revision == 2
+
+
+def test_two_rotations_chain_and_unrelated_certificates_are_harmless() -> None:
+    first_cert = rotation_cert(OWNER, NEW_OWNER, at=1)
+    second_cert = rotation_cert(NEW_OWNER, NEWER_OWNER, at=2)
+    manifest = rotated_revision(rotated_revision(make_manifest(), first_cert.rotation), second_cert.rotation)
+    signed = sign_manifest(manifest, owner_sign_key(NEWER_OWNER))
+    assert verify(signed, rotations=[second_cert, first_cert]).revision == 3
+    # A reader that already pins the middle key follows only the second step.
+    path = follow_key_rotations(
+        [first_cert, second_cert],
+        tenant_id="tn_owner1",
+        from_sign_pub=_pubs(NEW_OWNER)[0],
+        to_sign_pub=_pubs(NEWER_OWNER)[0],
+    )
+    assert path == [second_cert.rotation]
+    with pytest.raises(KeyRotationError, match="leads from"):
+        verify(signed, rotations=[second_cert])  # the first hop is missing
+
+
+def test_attacker_cannot_rotate_the_owner_key_to_its_own() -> None:
+    attacker_rotation = KeyRotation(
+        tenant_id="tn_owner1",
+        old_sign_pub=OWNER_PUB,
+        new_sign_pub=ATTACKER_PUB,
+        new_box_pub=_pubs(NEW_OWNER)[1],
+        rotated_at=1,
+    )
+    with pytest.raises(InvalidInput, match="old key it names"):
+        sign_key_rotation(attacker_rotation, ATTACKER_KEY)
+    forged = SignedKeyRotation(
+        rotation=attacker_rotation, signature=b64encode(ATTACKER_KEY.sign(attacker_rotation.signing_bytes()))
+    )
+    substituted = sign_manifest(make_manifest(owner_sign_pub=ATTACKER_PUB), ATTACKER_KEY)
+    with pytest.raises(KeyRotationError, match="does not verify"):
+        verify(substituted, rotations=[forged])
+
+
+def test_flipped_byte_in_a_rotation_refused() -> None:
+    cert = rotation_cert(OWNER, NEW_OWNER)
+    tampered = cert.model_copy(update={"signature": flip(cert.signature, 3)})
+    with pytest.raises(KeyRotationError, match="does not verify"):
+        verify_key_rotation(tampered)
+    later = cert.model_copy(update={"rotation": cert.rotation.model_copy(update={"rotated_at": 2})})
+    with pytest.raises(KeyRotationError, match="does not verify"):
+        verify_key_rotation(later)
+
+
+def test_rotation_signature_in_another_context_refused() -> None:
+    cert = rotation_cert(OWNER, NEW_OWNER)
+    # The old key's signature over the same JCS bytes in the room-manifest context does not count.
+    wrong_context = ROOM_SIGNING_CONTEXT + canonical_json(cert.rotation)
+    swapped = cert.model_copy(update={"signature": b64encode(OWNER_KEY.sign(wrong_context))})
+    with pytest.raises(KeyRotationError):
+        verify_key_rotation(swapped)
+
+
+def test_rotation_of_another_tenant_refused() -> None:
+    cert = rotation_cert(OWNER, NEW_OWNER, tenant_id="tn_someoneelse")
+    signed = sign_manifest(rotated_revision_unchecked(NEW_OWNER), owner_sign_key(NEW_OWNER))
+    with pytest.raises(KeyRotationError, match="for tenant tn_someoneelse, not tn_owner1"):
+        verify(signed, rotations=[cert])
+    with pytest.raises(ManifestError, match="for tenant tn_someoneelse"):
+        rotated_revision(make_manifest(), cert.rotation)
+
+
+def rotated_revision_unchecked(new: Secret) -> RoomManifest:
+    new_sign, new_box = _pubs(new)
+    return make_manifest(owner_sign_pub=new_sign, owner_box_pub=new_box, revision=2)
+
+
+def test_forked_and_cyclic_histories_refused() -> None:
+    to_new = rotation_cert(OWNER, NEW_OWNER)
+    fork = rotation_cert(OWNER, NEWER_OWNER)
+    signed = sign_manifest(rotated_revision_unchecked(NEW_OWNER), owner_sign_key(NEW_OWNER))
+    with pytest.raises(KeyRotationError, match="forked history"):
+        verify(signed, rotations=[to_new, fork])
+    back = rotation_cert(NEW_OWNER, OWNER)
+    with pytest.raises(KeyRotationError, match="cycle"):
+        follow_key_rotations(
+            [to_new, back], tenant_id="tn_owner1", from_sign_pub=OWNER_PUB, to_sign_pub=_pubs(NEWER_OWNER)[0]
+        )
+
+
+def test_rotated_revision_needs_the_key_that_signed_the_room() -> None:
+    cert = rotation_cert(NEW_OWNER, NEWER_OWNER)
+    with pytest.raises(ManifestError, match="retires"):
+        rotated_revision(make_manifest(), cert.rotation)
+
+
+def test_rotation_rules() -> None:
+    with pytest.raises(ValidationError, match="different from the old one"):
+        KeyRotation(
+            tenant_id="tn_owner1",
+            old_sign_pub=OWNER_PUB,
+            new_sign_pub=OWNER_PUB,
+            new_box_pub=_pubs(OWNER)[1],
+            rotated_at=1,
+        )
+    document = json.loads(rotation_cert(OWNER, NEW_OWNER).to_json())
+    document["rotation"]["rotated_at"] = 1.0
+    with pytest.raises(FloatInSignedDocument):
+        SignedKeyRotation.from_json(json.dumps(document))
+    document["rotation"]["rotated_at"] = 1
+    document["rotation"]["surprise"] = True
+    with pytest.raises(KeyRotationError, match="not a valid key-rotation certificate"):
+        SignedKeyRotation.from_json(json.dumps(document))

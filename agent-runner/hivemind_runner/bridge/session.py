@@ -165,6 +165,8 @@ class StageServices:
     artifacts: ArtifactStore | None = None
     artifacts_allowed: bool = False
     llm_allowed: bool = False
+    # The stage whose meter counts this session's LLM calls (a simulation bills the scope stage).
+    bill_to: Stage | None = None
 
 
 # --- request parsing ---------------------------------------------------------------------------------
@@ -370,7 +372,7 @@ class StageSession:
         self.admit(Tool.LLM, request_bytes)
         if self.services.llm is None:
             raise NotFound("this stage has no LLM egress")
-        return self.services.llm.complete(self.stage, body)
+        return self.services.llm.complete(self.services.bill_to or self.stage, body)
 
     def put_artifact(self, name: str, data: bytes, content_type: str | None) -> dict[str, Any]:
         self.admit(Tool.ARTIFACT, len(data))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 import os
 import stat
+import tempfile
 import threading
 from dataclasses import dataclass
 from enum import StrEnum
@@ -265,6 +266,44 @@ def check_bridge_socket(path: Path) -> None:
         raise SandboxError(f"the bridge socket {path} is not there: {exc.strerror}") from None
     if not stat.S_ISSOCK(mode):
         raise SandboxError(f"{path} is not a Unix socket")
+
+
+def reachable_by_agent(path: Path) -> bool:
+    """Whether uid 10001 can traverse every directory down to ``path`` (what bubblewrap needs, as it
+    runs as that uid when the runner is root)."""
+    if os.geteuid() != 0:
+        return True  # bubblewrap runs as the runner's own user, who reached the path already
+    current = Path("/")
+    for part in path.resolve().parts[1:-1]:
+        current = current / part
+        try:
+            info = current.stat()
+        except OSError:
+            return False
+        if info.st_uid == AGENT_UID:
+            if not info.st_mode & stat.S_IXUSR:
+                return False
+        elif not info.st_mode & stat.S_IXOTH:
+            return False
+    return True
+
+
+def create_bridge_socket_dir(parent: Path) -> Path:
+    """A fresh per-stage directory for a bridge socket that both backends can hand to the agent.
+
+    Mode 0700; when the runner is root it belongs to uid 10001, so bubblewrap (running as that uid)
+    can bind the socket while no other host user can reach it. ``parent`` must be traversable by
+    uid 10001. Create the socket as ``<dir>/bridge.sock`` and make it mode 0666 (the directory is the
+    gate).
+    """
+    if not reachable_by_agent(parent / "x"):
+        raise SandboxError(
+            f"{parent} is not traversable by uid {AGENT_UID}; use a directory like /run/hivemind"
+        )
+    directory = Path(tempfile.mkdtemp(prefix="bridge-", dir=parent))
+    if os.geteuid() == 0:
+        os.chown(directory, AGENT_UID, AGENT_GID)
+    return directory
 
 
 class OutputCapture:

@@ -29,6 +29,7 @@ import requests
 import urllib3
 from docker.models.containers import Container
 from docker.types import LogConfig, Mount, Ulimit
+
 from hivemind_runner.sandbox.base import (
     AGENT_BASE_IMAGE,
     AGENT_GID,

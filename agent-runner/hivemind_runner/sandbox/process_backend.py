@@ -24,7 +24,8 @@ Same contract and same hostile tests as the Docker backend (docs/sandbox.md). Th
 When the runner is root, bubblewrap itself runs as uid 10001 (a tiny launcher joins the cgroup, sets
 the rlimits and drops privileges before ``exec``), so the agent is uid 10001 inside and outside, as
 in Docker. Bubblewrap resolves bind sources as that user, so the cache directory and the bridge
-socket's directory must be reachable by uid 10001: see :func:`create_bridge_socket_dir`.
+socket's directory must be reachable by uid 10001: see
+:func:`~hivemind_runner.sandbox.base.create_bridge_socket_dir`.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ import json
 import os
 import platform
 import resource
+import select
 import selectors
 import shutil
 import signal
@@ -52,6 +54,8 @@ from pathlib import Path
 from hivemind.archive import extract_archive
 from hivemind.canonical import canonical_sha256
 from hivemind.models import StrictModel
+from pydantic import Field
+
 from hivemind_runner.sandbox.base import (
     AGENT_GID,
     AGENT_UID,
@@ -68,11 +72,11 @@ from hivemind_runner.sandbox.base import (
     SandboxUnavailable,
     check_bridge_socket,
     classify,
+    reachable_by_agent,
     verify_source,
 )
 from hivemind_runner.sandbox.cgroups import CgroupLayout, RunCgroup, detect_cgroups
 from hivemind_runner.sandbox.dockerfile import AGENT_DIR, ProcessPlan, parse_dockerfile, plan_process_agent
-from pydantic import Field
 
 _MIB = 1024 * 1024
 _POLL_S = 0.05
@@ -110,8 +114,9 @@ if plan["uid"] is not None:
     os.setuid(plan["uid"])
 os.execv(plan["argv"][0], plan["argv"])
 """
-# Inside the sandbox: report "set up" on the marker fd, close it, become the agent's command.
-_STARTER = 'printf started >&{fd} && exec "$@" {fd}>&-'
+# Inside the sandbox: report "set up" on stdin (the write end of the start-marker pipe), then become the
+# agent's command with stdin from /dev/null, as in Docker. dash cannot name fds above 9, hence fd 0.
+_STARTER = 'printf started >&0 && exec "$@" </dev/null'
 
 
 def default_cache_dir() -> Path:
@@ -155,46 +160,28 @@ def default_rootfs_tarball() -> Path:
     return default_cache_dir() / f"debian-{ROOTFS_SUITE}-minbase-{_architecture()}-{packages_hash}.tar"
 
 
+def _apt_mirror() -> str:
+    """The Debian mirror apt already uses (deb822 or one-line sources), so no new host is contacted."""
+    lines: list[str] = []
+    for pattern in ("sources.list.d/*.sources", "sources.list", "sources.list.d/*.list"):
+        for source in sorted(Path("/etc/apt").glob(pattern)):
+            with contextlib.suppress(OSError):
+                lines += source.read_text().splitlines()
+    for line in lines:
+        words = line.split()
+        if words[:1] == ["URIs:"] or words[:1] == ["deb"]:
+            for uri in words[1:]:
+                if uri.startswith(("http://", "https://")) and uri.rstrip("/").endswith("/debian"):
+                    return uri
+    return "http://deb.debian.org/debian"
+
+
 def _file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as source:
         while chunk := source.read(_MIB):
             digest.update(chunk)
     return digest.hexdigest()
-
-
-def _reachable_by_agent(path: Path) -> bool:
-    """Whether uid 10001 can traverse every directory down to ``path`` (what bubblewrap needs)."""
-    if os.geteuid() != 0:
-        return True  # bubblewrap runs as the runner's own user, who reached the path already
-    current = Path("/")
-    for part in path.resolve().parts[1:-1]:
-        current = current / part
-        info = current.stat()
-        if info.st_uid == AGENT_UID:
-            if not info.st_mode & stat.S_IXUSR:
-                return False
-        elif not info.st_mode & stat.S_IXOTH:
-            return False
-    return True
-
-
-def create_bridge_socket_dir(parent: Path) -> Path:
-    """A fresh per-stage directory for a bridge socket that both backends can hand to the agent.
-
-    Mode 0700; when the runner is root it belongs to uid 10001, so bubblewrap (running as that uid)
-    can bind the socket while no other host user can reach it. ``parent`` must be traversable by
-    uid 10001. Create the socket as ``<dir>/bridge.sock`` and make it mode 0666 (the directory is the
-    gate).
-    """
-    if not _reachable_by_agent(parent / "x"):
-        raise SandboxError(
-            f"{parent} is not traversable by uid {AGENT_UID}; use a directory like /run/hivemind"
-        )
-    directory = Path(tempfile.mkdtemp(prefix="bridge-", dir=parent))
-    if os.geteuid() == 0:
-        os.chown(directory, AGENT_UID, AGENT_GID)
-    return directory
 
 
 class ProcessAgentConfig(StrictModel):
@@ -268,7 +255,8 @@ class ProcessBackend:
         self._bwrap = bwrap or shutil.which("bwrap")
         self._use_cgroups = use_cgroups
         self._debian_mirror = debian_mirror or os.environ.get("HIVEMIND_DEBIAN_MIRROR")
-        self._lock = threading.Lock()
+        # Reentrant: availability() reports limits_mode, which probes cgroups under the same lock.
+        self._lock = threading.RLock()
         self._digest_locks: dict[str, threading.Lock] = {}
         self._availability: Availability | None = None
         self._cgroups: CgroupLayout | None = None
@@ -334,7 +322,7 @@ class ProcessBackend:
             self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o755)
         except OSError:
             return False
-        return _reachable_by_agent(self.state_dir / "x")
+        return reachable_by_agent(self.state_dir / "x")
 
     def _namespace_problem(self) -> str | None:
         """Start one empty sandbox: hosts that forbid unprivileged user namespaces fail here."""
@@ -409,7 +397,7 @@ class ProcessBackend:
         self.rootfs_tarball.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix="rootfs-", dir=self.rootfs_tarball.parent))
         try:
-            mirror = self._debian_mirror or "http://deb.debian.org/debian"
+            mirror = self._debian_mirror or _apt_mirror()
             built = _run_tool(
                 "debootstrap",
                 "--variant=minbase",
@@ -614,39 +602,43 @@ class ProcessBackend:
     def run(self, spec: SandboxSpec, *, stop: threading.Event | None = None) -> SandboxResult:
         agent_dir, config = self._prepared(spec.agent)
         check_bridge_socket(spec.bridge_socket)
-        if not _reachable_by_agent(spec.bridge_socket):
+        if not reachable_by_agent(spec.bridge_socket):
             raise SandboxError(
                 f"uid {AGENT_UID} cannot reach {spec.bridge_socket}; create its directory with "
                 "create_bridge_socket_dir()"
             )
-        layout = self._cgroup_layout()
-        cgroup = (
-            layout.create(memory_bytes=spec.memory_mb * _MIB, pids=spec.pids_limit, cpus=spec.cpus)
-            if layout is not None
-            else None
-        )
-        marker_read, marker_write = os.pipe()
-        try:
-            assert self._bwrap is not None  # run() is reached only after prepare() checked availability
-            command = ["/bin/sh", "-c", _STARTER.format(fd=marker_write), "hivemind-start", *config.command]
-            launch = _Launch(
-                self._bwrap,
-                self._bwrap_options(spec, config, agent_dir),
-                command,
-                cgroup=cgroup,
-                rlimits=self._rlimits(spec, cgroup=cgroup),
+        assert self._bwrap is not None  # prepare() checked availability before anything ran
+        with contextlib.ExitStack() as cleanup:
+            layout = self._cgroup_layout()
+            cgroup = None
+            if layout is not None:
+                cgroup = layout.create(
+                    memory_bytes=spec.memory_mb * _MIB, pids=spec.pids_limit, cpus=spec.cpus
+                )
+                cleanup.callback(cgroup.destroy)
+            # Two pipes from the sandbox: bubblewrap's --info-fd names the sandbox's init (whose exit
+            # means the whole pid namespace is gone), and the start marker says setup succeeded.
+            info_read, info_write = _closing_pipe(cleanup)
+            marker_read, marker_write = _closing_pipe(cleanup)
+            launch = cleanup.enter_context(
+                _Launch(
+                    self._bwrap,
+                    [*self._bwrap_options(spec, config, agent_dir), "--info-fd", str(info_write.fd)],
+                    ["/bin/sh", "-c", _STARTER, "hivemind-start", *config.command],
+                    cgroup=cgroup,
+                    rlimits=self._rlimits(spec, cgroup=cgroup),
+                )
             )
-            with launch, _spawn(launch.argv, (*launch.fds, marker_write)) as process:
-                launch.close()
-                os.close(marker_write)
-                marker_write = -1
-                return self._supervise(process, spec, stop, cgroup, marker_read)
-        finally:
-            for fd in (marker_read, marker_write):
-                if fd >= 0:
-                    os.close(fd)
-            if cgroup is not None:
-                cgroup.destroy()
+            process = cleanup.enter_context(
+                _spawn(launch.argv, (*launch.fds, info_write.fd), stdin=marker_write.fd)
+            )
+            # The parent's copies go now, so EOF on each pipe means the sandbox side closed it.
+            launch.close()
+            info_write.close()
+            marker_write.close()
+            return self._supervise(
+                process, spec, stop, cgroup, info_read=info_read.fd, marker_read=marker_read.fd
+            )
 
     def _supervise(
         self,
@@ -654,27 +646,29 @@ class ProcessBackend:
         spec: SandboxSpec,
         stop: threading.Event | None,
         cgroup: RunCgroup | None,
+        *,
+        info_read: int,
         marker_read: int,
     ) -> SandboxResult:
         capture = OutputCapture(spec.max_output_bytes)
+        init = _SandboxInit(info_read)
         started = time.monotonic()
-        killed_for = _pump_and_watch(process, capture, started + spec.timeout_s, stop)
-        if killed_for is not None:
-            _kill(process, cgroup)
         try:
-            returncode = process.wait(timeout=_KILL_WAIT_S)
-        except subprocess.TimeoutExpired:
-            raise SandboxError("the sandbox did not die after SIGKILL") from None
-        ended = time.monotonic()
+            killed_for = _pump_and_watch(process, capture, init, started + spec.timeout_s, stop)
+            if killed_for is not None:
+                _kill(process, cgroup)
+            try:
+                returncode = process.wait(timeout=_KILL_WAIT_S)
+            except subprocess.TimeoutExpired:
+                raise SandboxError("the sandbox did not die after SIGKILL") from None
+            ended = time.monotonic()
+            if not init.wait_gone(_KILL_WAIT_S):
+                raise SandboxError("the sandbox's pid namespace did not go away after SIGKILL")
+        finally:
+            init.close()
         if cgroup is not None:
-            # Whatever outlived the sandbox's init (nothing should: its pid namespace dies with it).
-            cgroup.kill_all()
-        os.set_blocking(marker_read, False)
-        try:
-            started_marker = os.read(marker_read, 16)
-        except BlockingIOError:
-            started_marker = b""
-        if killed_for is None and not started_marker:
+            cgroup.kill_all()  # nothing should be left: the pid namespace is gone
+        if killed_for is None and not _read_marker(marker_read):
             # bubblewrap failed before the agent started: the runner's problem, not the agent's.
             raise SandboxError(
                 "the sandbox could not be set up: "
@@ -692,6 +686,73 @@ class ProcessBackend:
             source_digest=spec.agent.source_digest,
             image_digest=spec.agent.image_digest,
         )
+
+
+class _Fd:
+    """An fd closed exactly once: closing a number twice could close another thread's new fd."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+
+def _closing_pipe(cleanup: contextlib.ExitStack) -> tuple[_Fd, _Fd]:
+    """A pipe whose ends are closed when ``cleanup`` unwinds, unless closed before."""
+    ends = tuple(_Fd(fd) for fd in os.pipe())
+    for end in ends:
+        cleanup.callback(end.close)
+    return ends[0], ends[1]
+
+
+def _read_marker(fd: int) -> bool:
+    os.set_blocking(fd, False)
+    try:
+        return bool(os.read(fd, 16))
+    except BlockingIOError:
+        return False
+
+
+class _SandboxInit:
+    """bubblewrap's init, pid 1 of the sandbox's pid namespace, learnt from ``--info-fd``.
+
+    The kernel kills every process of the namespace when its init dies, and the init is fully gone
+    only once they all are; so waiting on the init (through a pidfd, immune to pid reuse) is waiting
+    for the whole sandbox, with or without a cgroup.
+    """
+
+    def __init__(self, info_fd: int):
+        self.info_fd = info_fd
+        self._info = bytearray()
+        self._pidfd: int | None = None
+
+    def feed(self) -> bool:
+        """Read what bubblewrap wrote; at EOF open a pidfd on the init. False once the pipe is done."""
+        try:
+            data = os.read(self.info_fd, _READ_CHUNK)
+        except BlockingIOError:
+            return True
+        if data and len(self._info) < _SETUP_ERROR_BYTES:
+            self._info += data
+            return True
+        with contextlib.suppress(ValueError, KeyError, TypeError, OSError):
+            self._pidfd = os.pidfd_open(int(json.loads(self._info)["child-pid"]))
+        return False
+
+    def wait_gone(self, timeout_s: float) -> bool:
+        if self._pidfd is None:
+            return True  # the init never started (or was already reaped when its pid was read)
+        poller = select.poll()
+        poller.register(self._pidfd, select.POLLIN)
+        return bool(poller.poll(int(timeout_s * 1000)))
+
+    def close(self) -> None:
+        if self._pidfd is not None:
+            pidfd, self._pidfd = self._pidfd, None
+            os.close(pidfd)
 
 
 def _memfd(name: str, data: bytes) -> int:
@@ -749,10 +810,10 @@ class _Launch:
 
 
 @contextlib.contextmanager
-def _spawn(argv: list[str], fds: tuple[int, ...]) -> Iterator[subprocess.Popen[bytes]]:
+def _spawn(argv: list[str], fds: tuple[int, ...], *, stdin: int) -> Iterator[subprocess.Popen[bytes]]:
     process = subprocess.Popen(  # noqa: S603 - argv is built here, no shell
         argv,
-        stdin=subprocess.DEVNULL,
+        stdin=stdin,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         pass_fds=fds,
@@ -779,29 +840,47 @@ def _kill(process: subprocess.Popen[bytes], cgroup: RunCgroup | None) -> None:
         cgroup.kill_all()
 
 
+def _drain_ready(selector: selectors.BaseSelector, capture: OutputCapture, init: _SandboxInit) -> bool:
+    """Read what is ready; unregister pipes at EOF. False once the output cap is passed."""
+    for key, _ in selector.select(_POLL_S):
+        if key.data == "info":
+            if not init.feed():
+                selector.unregister(key.fd)
+            continue
+        try:
+            data = os.read(key.fd, _READ_CHUNK)
+        except BlockingIOError:
+            continue
+        if not data:
+            selector.unregister(key.fd)
+        elif not capture.add(key.data, data):
+            return False
+    return True
+
+
 def _pump_and_watch(
-    process: subprocess.Popen[bytes], capture: OutputCapture, deadline: float, stop: threading.Event | None
+    process: subprocess.Popen[bytes],
+    capture: OutputCapture,
+    init: _SandboxInit,
+    deadline: float,
+    stop: threading.Event | None,
 ) -> Outcome | None:
-    """Read stdout/stderr until the sandbox ends; return why it must be killed, if it must."""
+    """Read stdout/stderr (and bubblewrap's info) until the sandbox ends; return why it must be killed."""
     assert process.stdout is not None and process.stderr is not None
     with selectors.DefaultSelector() as selector:
-        for name, pipe in (("stdout", process.stdout), ("stderr", process.stderr)):
-            os.set_blocking(pipe.fileno(), False)
-            selector.register(pipe.fileno(), selectors.EVENT_READ, name)
+        for name, fd in (
+            ("stdout", process.stdout.fileno()),
+            ("stderr", process.stderr.fileno()),
+            ("info", init.info_fd),
+        ):
+            os.set_blocking(fd, False)
+            selector.register(fd, selectors.EVENT_READ, name)
         while True:
-            if selector.get_map():
-                for key, _ in selector.select(_POLL_S):
-                    try:
-                        data = os.read(key.fd, _READ_CHUNK)
-                    except BlockingIOError:
-                        continue
-                    if not data:
-                        selector.unregister(key.fd)
-                    elif not capture.add(key.data, data):
-                        return Outcome.OUTPUT_TRUNCATED
-            else:
+            if not selector.get_map():
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     process.wait(timeout=_POLL_S)
+            elif not _drain_ready(selector, capture, init):
+                return Outcome.OUTPUT_TRUNCATED
             if not selector.get_map() and process.poll() is not None:
                 return None
             if stop is not None and stop.is_set():

@@ -7,20 +7,13 @@ environment on the first request (so importing the Lambda handler reads nothing 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Awaitable, Callable
 from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request, Response
+from fastapi import APIRouter, FastAPI
 
 from hivemind_functions import __version__
 from hivemind_functions.api.deps import Services, ServicesHolder
-from hivemind_functions.api.errors import (
-    REQUEST_ID_HEADER,
-    ErrorBody,
-    StrictJsonBody,
-    install_error_handlers,
-    request_id_of,
-)
+from hivemind_functions.api.errors import ErrorBody, RequestGate, install_error_handlers
 
 API_TITLE = "Hivemind rooms API"
 OPENAPI_PATH = "/v1/openapi.json"
@@ -79,22 +72,5 @@ def create_app(services: Services | None = None) -> FastAPI:
         if router is not None:
             app.include_router(router, responses=_ERROR_RESPONSES)
 
-    @app.middleware("http")
-    async def request_context(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        request_id = request_id_of(request)
-        logger = holder.get().logger
-        logger.clear_state()
-        logger.append_keys(request_id=request_id)
-        response = await call_next(request)
-        response.headers[REQUEST_ID_HEADER] = request_id
-        response.headers.setdefault("cache-control", "no-store")
-        return response
-
-    app.add_middleware(StrictJsonBody, max_body_bytes=lambda: _max_body_bytes(holder))
+    app.add_middleware(RequestGate, services=holder.get)
     return app
-
-
-def _max_body_bytes(holder: ServicesHolder) -> int:
-    return holder.get().settings.max_body_bytes

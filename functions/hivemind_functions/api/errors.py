@@ -6,7 +6,7 @@
 - unknown route: 404 ``not_found``; wrong method: 405 ``method_not_allowed``;
 - anything else: 500 ``internal_error`` with only a request id; the traceback goes to the log.
 
-Bodies are checked before any route sees them (:class:`StrictJsonBody`): larger than the configured
+Bodies are checked before any route sees them (:class:`RequestGate`): larger than the configured
 maximum is 413 ``payload_too_large``; JSON that does not parse, repeats a key, holds ``NaN`` or an unpaired
 UTF-16 surrogate is 400 ``invalid_json``. So no handler can be reached with input that would later fail
 to store or to canonicalize.
@@ -15,6 +15,7 @@ to store or to canonicalize.
 from __future__ import annotations
 
 import json
+import logging
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
@@ -100,19 +101,9 @@ def install_error_handlers(app: FastAPI) -> None:
         response.headers[REQUEST_ID_HEADER] = request_id_of(request)
         return response
 
-    async def on_unexpected(request: Request, exc: Exception) -> JSONResponse:
-        request_id = request_id_of(request)
-        services = getattr(request.app.state, "services", None)
-        if services is not None:
-            services.logger.exception("unhandled error", extra={"request_id": request_id})
-        return error_response(
-            HivemindError(f"internal error; quote request id {request_id} when reporting it"), request_id
-        )
-
     app.add_exception_handler(HivemindError, on_hivemind_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
     app.add_exception_handler(StarletteHTTPException, on_http_error)
-    app.add_exception_handler(Exception, on_unexpected)
 
 
 # --- the body gate ---------------------------------------------------------------------------------
@@ -181,63 +172,91 @@ def _is_json(content_type: str | None) -> bool:
     return media == "application/json" or (media.startswith("application/") and media.endswith("+json"))
 
 
-class StrictJsonBody:
-    """ASGI middleware: size cap and strict JSON for request bodies, before any route runs.
+class RequestGate:
+    """Outermost ASGI middleware: request id, size cap and strict JSON, and the last-resort 500.
 
-    Bodies are small by design (bulk data goes to S3 through presigned URLs), so buffering one here
-    costs nothing; Lambda hands the whole body over at once anyway.
+    - every response carries ``x-request-id`` (the Lambda request id under Mangum) and
+      ``cache-control: no-store``;
+    - bodies are small by design (bulk data goes to S3 through presigned URLs), so one is buffered
+      here and checked before any route runs; Lambda hands the whole body over at once anyway;
+    - an exception no handler turned into an answer becomes 500 ``internal_error`` with the request id
+      and nothing else; the traceback goes to the log. (Starlette's own last-resort handler re-raises,
+      which under Mangum would fail the Lambda invocation instead of answering.)
     """
 
-    def __init__(self, app: ASGIApp, *, max_body_bytes: Callable[[], int]) -> None:
+    def __init__(self, app: ASGIApp, *, services: Callable[[], Any]) -> None:
         self.app = app
-        self._max_body_bytes = max_body_bytes
+        self._services = services
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
+        context = scope.get("aws.context")
+        request_id = str(getattr(context, "aws_request_id", None) or uuid.uuid4().hex)
+        scope["hivemind.request_id"] = request_id
+        started = False
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                headers = [
+                    (name, value)
+                    for name, value in message.get("headers", [])
+                    if name.lower() not in (b"x-request-id", b"cache-control")
+                ]
+                headers += [(b"x-request-id", request_id.encode()), (b"cache-control", b"no-store")]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            services = self._services()
+            services.logger.clear_state()
+            services.logger.append_keys(request_id=request_id)
+            body = await self._read_body(scope, receive, services.settings.max_body_bytes)
+            if body is None:
+                return
+            delivered = False
+
+            async def replay() -> Message:
+                nonlocal delivered
+                if not delivered:
+                    delivered = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                return await receive()
+
+            await self.app(scope, replay, send_with_headers)
+        except HivemindError as exc:
+            if started:
+                raise
+            await error_response(exc)(scope, receive, send_with_headers)
+        except Exception:
+            logging.getLogger("hivemind_functions.api").exception("unhandled error (request %s)", request_id)
+            if not started:
+                error = HivemindError(f"internal error; quote request id {request_id} when reporting it")
+                await error_response(error)(scope, receive, send_with_headers)
+
+    @staticmethod
+    async def _read_body(scope: Scope, receive: Receive, limit: int) -> bytes | None:
+        """The whole body, checked; ``None`` if the client went away. Raises the refusal otherwise."""
         headers = {key.decode("latin-1").lower(): value.decode("latin-1") for key, value in scope["headers"]}
-        limit = self._max_body_bytes()
         declared = headers.get("content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
-            await self._refuse(scope, receive, send, _too_large(limit))
-            return
+            raise _too_large(limit)
         body = bytearray()
         more = True
         while more:
             message = await receive()
             if message["type"] == "http.disconnect":
-                return
+                return None
             body += message.get("body", b"")
             more = message.get("more_body", False)
             if len(body) > limit:
-                await self._refuse(scope, receive, send, _too_large(limit))
-                return
+                raise _too_large(limit)
         if body and _is_json(headers.get("content-type")):
-            try:
-                check_json_body(bytes(body))
-            except InvalidInput as exc:
-                await self._refuse(scope, receive, send, exc)
-                return
-
-        delivered = False
-
-        async def replay() -> Message:
-            nonlocal delivered
-            if not delivered:
-                delivered = True
-                return {"type": "http.request", "body": bytes(body), "more_body": False}
-            return await receive()
-
-        await self.app(scope, replay, send)
-
-    @staticmethod
-    async def _refuse(scope: Scope, receive: Receive, send: Send, error: HivemindError) -> None:
-        request_id = scope.get("hivemind.request_id")
-        if request_id is None:
-            context = scope.get("aws.context")
-            request_id = getattr(context, "aws_request_id", None) or uuid.uuid4().hex
-        await error_response(error, str(request_id))(scope, receive, send)
+            check_json_body(bytes(body))
+        return bytes(body)
 
 
 def _too_large(limit: int) -> PayloadTooLarge:

@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from hivemind.archive import DEFAULT_LIMITS, AgentManifest, ArchiveLimits, read_archive_file, validate_archive
-from hivemind.envelope import SealedEnvelope
 from hivemind.encoding import sha256_hex
+from hivemind.envelope import SealedEnvelope
 from hivemind.errors import Conflict, Forbidden, IntegrityError, InvalidInput, NotFound, PayloadTooLarge
 from hivemind.models import QueryMode, Visibility
 from hivemind.seal import sealed_size
@@ -99,18 +99,21 @@ def declare_agent(
     if store.agents.get(declared.agent_id) is not None:
         raise Conflict(f"agent id {declared.agent_id} is taken; choose another", code="agent_exists")
     now = services.now()
-    record = AgentRecord(
-        agent_id=declared.agent_id,
-        tenant_id=tenant_id,
-        name=declared.name,
-        room_id=room_id,
-        visibility=declared.visibility,
-        source_digest=declared.source_digest,
-        source_key=agent_source_key(declared.agent_id),
-        sealed_key=declared.sealed_key,
-        created_at=now,
-        updated_at=now,
-    )
+    fields: dict[str, Any] = {
+        "agent_id": declared.agent_id,
+        "tenant_id": tenant_id,
+        "name": declared.name,
+        "room_id": room_id,
+        "visibility": declared.visibility,
+        "source_digest": declared.source_digest,
+        "source_key": agent_source_key(declared.agent_id),
+        "created_at": now,
+        "updated_at": now,
+    }
+    if declared.sealed_key is not None:
+        # The runner reads the sealed source key from the agent record (docs/sealing.md).
+        fields["sealed_key"] = declared.sealed_key
+    record = AgentRecord(**fields)
     upload = store.blobs.presign_put(
         record.source_key,
         size=declared.size,
@@ -198,7 +201,8 @@ def commit_agent(services: Services, caller: Caller, agent_id: str, *, size: int
         manifest = _read_manifest(services, stored)
         if manifest.digest != agent.source_digest:
             raise InvalidInput(
-                f"the uploaded archive has source digest {manifest.digest}; {agent.source_digest} was declared",
+                f"the uploaded archive has source digest {manifest.digest}; "
+                f"{agent.source_digest} was declared",
                 code="agent_digest_mismatch",
             )
         file_digests = manifest.file_digests()

@@ -217,12 +217,14 @@ def check_agent_refs(store: Store, manifest: RoomManifest) -> None:
             )
         if agent.source_digest != ref.digest:
             raise InvalidInput(
-                f"{role} agent {ref.agent_id} has digest {agent.source_digest}, the manifest pins {ref.digest}",
+                f"{role} agent {ref.agent_id} has digest {agent.source_digest}; "
+                f"the manifest pins {ref.digest}",
                 code="agent_digest_mismatch",
             )
         if agent.visibility is not ref.visibility:
             raise InvalidInput(
-                f"{role} agent {ref.agent_id} is {agent.visibility.value}, the manifest says {ref.visibility.value}",
+                f"{role} agent {ref.agent_id} is {agent.visibility.value}; "
+                f"the manifest says {ref.visibility.value}",
                 code="agent_visibility_mismatch",
             )
 
@@ -486,10 +488,27 @@ class InviteConstraints:
     budgets: Budgets | None = None
 
 
+def _inherit_or_narrow(asked: Any, parent: Any, what: str, widened: list[str]) -> Any:
+    """``asked`` if set, else the parent's limit; notes in ``widened`` an ``asked`` above the parent's."""
+    if parent is None:
+        return asked
+    if asked is None:
+        return parent
+    if isinstance(parent, Budgets):
+        for name in Budgets.model_fields:
+            if getattr(asked, name) > getattr(parent, name):
+                widened.append(f"budgets.{name} {getattr(asked, name)} > {getattr(parent, name)}")
+    elif asked > parent:
+        widened.append(f"{what} {asked} > your invite's {parent}")
+    return asked
+
+
 def _narrowed(parent: CredentialRecord, asked: InviteConstraints) -> InviteConstraints:
-    """A derived invite's limits: each one what was asked, or the parent's when not asked; never wider."""
-    widened: list[str] = []
-    uses = asked.uses
+    """A derived invite's limits: each one what was asked, or the parent's when not asked; never wider.
+
+    Uses are compared with what the parent has left, not with its total.
+    """
+    remaining: int | None = None
     if parent.max_uses is not None:
         remaining = parent.max_uses - parent.uses
         if remaining <= 0:
@@ -497,33 +516,19 @@ def _narrowed(parent: CredentialRecord, asked: InviteConstraints) -> InviteConst
                 f"invite {parent.token_id} has used all of its {parent.max_uses} uses",
                 code="credential_exhausted",
             )
-        if uses is None:
-            uses = remaining
-        elif uses > remaining:
-            widened.append(f"uses {uses} > the {remaining} your invite has left")
-    expires_at = asked.expires_at
-    if parent.expires_at is not None:
-        if expires_at is None:
-            expires_at = parent.expires_at
-        elif expires_at > parent.expires_at:
-            widened.append(f"expires_at {expires_at} > your invite's {parent.expires_at}")
-    budgets = asked.budgets
-    if parent.budgets is not None:
-        if budgets is None:
-            budgets = parent.budgets
-        else:
-            for name in Budgets.model_fields:
-                if getattr(budgets, name) > getattr(parent.budgets, name):
-                    widened.append(
-                        f"budgets.{name} {getattr(budgets, name)} > {getattr(parent.budgets, name)}"
-                    )
+    widened: list[str] = []
+    narrowed = InviteConstraints(
+        uses=_inherit_or_narrow(asked.uses, remaining, "uses (left)", widened),
+        expires_at=_inherit_or_narrow(asked.expires_at, parent.expires_at, "expires_at", widened),
+        budgets=_inherit_or_narrow(asked.budgets, parent.budgets, "budgets", widened),
+    )
     if widened:
         raise Forbidden(
             "a derived invite may only narrow its parent: " + "; ".join(widened),
             code="invite_widens",
             details={"widened": widened},
         )
-    return InviteConstraints(uses=uses, expires_at=expires_at, budgets=budgets)
+    return narrowed
 
 
 def create_invite(

@@ -126,7 +126,9 @@ class InviteConstraints(StrictModel):
 
 
 class CreateInviteRequest(StrictModel):
-    auth_hash: Sha256Hex = Field(description="sha256(HKDF(hmq_ secret, 'auth')), hex; the secret stays client-side")
+    auth_hash: Sha256Hex = Field(
+        description="sha256(HKDF(hmq_ secret, 'auth')), hex; the secret stays client-side"
+    )
     wrap: WrapText = Field(description="the room DEK wrapped for bearer id = the first 16 hex of auth_hash")
     constraints: InviteConstraints = Field(default_factory=InviteConstraints)
     label: Label | None = None
@@ -295,7 +297,9 @@ def create_room(body: CreateRoomRequest, caller: TenantCaller, services: Service
 
 
 @router.get("/v1/rooms", summary="The caller's rooms (an invite: its one room)")
-def list_rooms(caller: ParticipantCaller, services: ServicesDep, cursor: Cursor = None, limit: Limit = 50) -> RoomList:
+def list_rooms(
+    caller: ParticipantCaller, services: ServicesDep, cursor: Cursor = None, limit: Limit = 50
+) -> RoomList:
     store = services.store
     if caller.is_invite and caller.room_id is not None:
         record, role = service.visible_record(store, caller, caller.room_id)
@@ -303,7 +307,9 @@ def list_rooms(caller: ParticipantCaller, services: ServicesDep, cursor: Cursor 
             raise service.room_deleted(record)
         return RoomList(rooms=[_summary(services, record, role)])
     page = store.rooms.list_by_tenant(caller.require_tenant_id(), cursor=cursor, limit=limit)
-    return RoomList(rooms=[_summary(services, record, RoomRole.OWNER) for record in page.items], cursor=page.cursor)
+    return RoomList(
+        rooms=[_summary(services, record, RoomRole.OWNER) for record in page.items], cursor=page.cursor
+    )
 
 
 @router.get("/v1/rooms/{room_id}", summary="A room and its signed manifest (re-verified)")
@@ -347,7 +353,9 @@ def update_trust(
     )
 
 
-@router.delete("/v1/rooms/{room_id}", summary="Delete a room: revoke invites, remove wraps and data, tombstone")
+@router.delete(
+    "/v1/rooms/{room_id}", summary="Delete a room: revoke invites, remove wraps and data, tombstone"
+)
 def delete_room(room_id: RoomIdPath, caller: TenantCaller, services: ServicesDep) -> RoomDeleted:
     deletion = service.delete_room(services, caller, room_id)
     return RoomDeleted(
@@ -362,7 +370,9 @@ def delete_room(room_id: RoomIdPath, caller: TenantCaller, services: ServicesDep
 # --- invites ---------------------------------------------------------------------------------------
 
 
-@router.post("/v1/rooms/{room_id}/invites", status_code=201, summary="Create an invite (or derive a narrower one)")
+@router.post(
+    "/v1/rooms/{room_id}/invites", status_code=201, summary="Create an invite (or derive a narrower one)"
+)
 def create_invite(
     room_id: RoomIdPath, body: CreateInviteRequest, caller: ParticipantCaller, services: ServicesDep
 ) -> InviteView:
@@ -423,13 +433,16 @@ def declare_item(
 
 
 @router.post("/v1/rooms/{room_id}/data/{item_id}/commit", summary="Verify an uploaded item and list it")
-def commit_item(room_id: RoomIdPath, item_id: ItemIdPath, caller: TenantCaller, services: ServicesDep) -> ItemView:
+def commit_item(
+    room_id: RoomIdPath, item_id: ItemIdPath, caller: TenantCaller, services: ServicesDep
+) -> ItemView:
     return item_view(service.commit_item(services, caller, room_id, item_id))
 
 
 @router.get("/v1/rooms/{room_id}/data", summary="The room's items (owner)")
 def list_items(
     room_id: RoomIdPath,
+    *,
     caller: TenantCaller,
     services: ServicesDep,
     include_pending: bool = False,
@@ -443,7 +456,9 @@ def list_items(
 
 
 @router.delete("/v1/rooms/{room_id}/data/{item_id}", summary="Remove an item and its sealed object")
-def remove_item(room_id: RoomIdPath, item_id: ItemIdPath, caller: TenantCaller, services: ServicesDep) -> ItemView:
+def remove_item(
+    room_id: RoomIdPath, item_id: ItemIdPath, caller: TenantCaller, services: ServicesDep
+) -> ItemView:
     return item_view(service.remove_item(services, caller, room_id, item_id))
 
 
@@ -469,7 +484,11 @@ def register_query_agent(
 
 @router.get("/v1/rooms/{room_id}/audit", summary="The room's hash-chained audit log, verified (owner)")
 def audit_log(
-    room_id: RoomIdPath, caller: TenantCaller, services: ServicesDep, cursor: Cursor = None, limit: Limit = 100
+    room_id: RoomIdPath,
+    caller: TenantCaller,
+    services: ServicesDep,
+    cursor: Cursor = None,
+    limit: Limit = 100,
 ) -> AuditLog:
     view = service.audit_log(services, caller, room_id, cursor=cursor, limit=limit)
     return AuditLog(
@@ -481,4 +500,3 @@ def audit_log(
 
 def _audit_event(entry: AuditEntry) -> AuditEvent:
     return AuditEvent.model_validate(entry.model_dump(mode="json"))
-

@@ -13,16 +13,16 @@ from hivemind.errors import Forbidden, InvalidInput
 from hivemind.manifest import Ed25519PublicB64
 from hivemind.models import StrictModel, UnixSeconds
 from hivemind.tokens import TokenKind
-from pydantic import Field
 
 from hivemind_functions.api.deps import BearerCredentials, ServicesDep, bearer_auth_hash
+from hivemind_functions.services.common import DisplayName
 from hivemind_functions.services.tenants import register_tenant
 
 router = APIRouter(tags=["billing"])
 
 
 class SignupRequest(StrictModel):
-    name: str = Field(min_length=1, max_length=200)
+    name: DisplayName
     owner_sign_pub: Ed25519PublicB64
     owner_box_pub: X25519PublicB64
 

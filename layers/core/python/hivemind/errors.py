@@ -219,3 +219,9 @@ class InvalidArchive(InvalidInput):
     """An agent archive (or directory) that is unsafe or malformed: the message names the member."""
 
     code = "invalid_archive"
+
+
+class KeyRotationError(SignatureError):
+    """An owner key-rotation certificate (or a chain of them) does not verify or does not link two keys."""
+
+    code = "key_rotation_invalid"

@@ -5,6 +5,11 @@ its hash is ``SHA-256(JCS(manifest))``. Every reader (CLI, functions, runner) ve
 manifest on every use with :func:`verify_manifest`, one explicit step at a time. A trust update re-signs
 with ``revision + 1`` (:func:`next_revision`); readers refuse a revision lower than one they accepted.
 
+An owner key rotation re-signs every room of the tenant with the new key (:func:`rotated_revision`) and
+publishes a key-rotation certificate signed with the old key (:class:`SignedKeyRotation`); readers that
+pin the old key (links, accepted manifests) follow the certificates to the new one
+(:func:`follow_key_rotations`, the ``rotations`` argument of :func:`verify_manifest`).
+
 An invite link is ``hmroom://`` + base64url(JCS{service, room_id, invite, owner_sign_pub}). It carries the
 ``hmq_`` secret of the invite, so **a link is a bearer credential**: whoever holds it can query the room
 (within the invite's limits). It also carries the owner's signing key, which pins the manifest a
@@ -16,7 +21,7 @@ from __future__ import annotations
 import ipaddress
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Annotated, Any, Literal, Self
 from urllib.parse import urlsplit
 
@@ -39,6 +44,7 @@ from hivemind.errors import (
     InvalidInput,
     InvalidLink,
     InvalidToken,
+    KeyRotationError,
     ManifestError,
     RevisionRollback,
     SignatureError,
@@ -60,6 +66,8 @@ from hivemind.trust import RunnerTrust
 
 MANIFEST_VERSION = 1
 ROOM_SIGNING_CONTEXT = b"hivemind-room-v1\n"
+KEY_ROTATION_CONTEXT = b"hivemind-key-rotation-v1\n"
+MAX_KEY_ROTATIONS = 256
 LINK_SCHEME = "hmroom://"
 MAX_LINK_CHARS = 4096
 MAX_TEXT_CHARS = 100_000
@@ -202,13 +210,16 @@ def verify_manifest(
     expected_owner_sign_pub: str | None,
     expected_room_id: str | None,
     min_revision: int | None,
+    rotations: Sequence[SignedKeyRotation] = (),
 ) -> RoomManifest:
     """Verify a signed manifest, step by step; return the manifest only if every step passes.
 
     1. ``manifest_hash`` is the hash of the manifest (:class:`ManifestError`);
     2. the signature verifies under ``manifest.owner_sign_pub`` (:class:`SignatureError`);
-    3. that key is the one the reader expects, e.g. from the invite link or its own profile
-       (:class:`SignatureError`: a valid signature by another key is a substituted manifest);
+    3. that key is the one the reader expects, e.g. from the invite link or its own profile, or the
+       owner rotated from the expected key to it through ``rotations`` (the owner's key-rotation
+       certificates, see :func:`follow_key_rotations`) (:class:`SignatureError`: a valid signature by
+       any other key is a substituted manifest);
     4. the room id is the one the reader asked for (:class:`ManifestError`);
     5. the revision is not lower than one the reader accepted (:class:`RevisionRollback`).
 
@@ -230,9 +241,16 @@ def verify_manifest(
         ) from None
 
     if expected_owner_sign_pub is not None and manifest.owner_sign_pub != expected_owner_sign_pub:
-        raise SignatureError(
-            f"manifest of room {manifest.room_id} is signed by {manifest.owner_sign_pub}, not by the "
-            f"expected owner key {expected_owner_sign_pub}: refusing a substituted manifest"
+        if not rotations:
+            raise SignatureError(
+                f"manifest of room {manifest.room_id} is signed by {manifest.owner_sign_pub}, not by the "
+                f"expected owner key {expected_owner_sign_pub}: refusing a substituted manifest"
+            )
+        follow_key_rotations(
+            rotations,
+            tenant_id=manifest.tenant_id,
+            from_sign_pub=expected_owner_sign_pub,
+            to_sign_pub=manifest.owner_sign_pub,
         )
     if expected_room_id is not None and manifest.room_id != expected_room_id:
         raise ManifestError(f"manifest is for room {manifest.room_id}, not {expected_room_id}")
@@ -261,6 +279,146 @@ def next_revision(previous: RoomManifest, changes: Mapping[str, Any]) -> RoomMan
     fields.update(changes)
     fields["rules_sha256"] = rules_digest(fields["rules"])
     fields["revision"] = previous.revision + 1
+    return RoomManifest.model_validate(fields)
+
+
+# --- owner key rotation ------------------------------------------------------------------------------
+
+
+class KeyRotation(StrictModel):
+    """An owner's statement, signed with its OLD owner-sign key, that its keys are now the new ones.
+
+    Rotating a tenant secret changes ``owner_sign_pub``, but manifests already accepted and invite links
+    already shared pin the old key. A chain of these certificates links a pinned key to the current one,
+    so every room keeps verifying after a rotation (DESIGN §16.11). Signed with Ed25519 over
+    ``b"hivemind-key-rotation-v1\\n" + JCS(rotation)``.
+    """
+
+    tenant_id: Identifier
+    old_sign_pub: Ed25519PublicB64
+    new_sign_pub: Ed25519PublicB64
+    new_box_pub: X25519PublicB64
+    rotated_at: UnixSeconds
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_floats(cls, data: Any) -> Any:
+        return refuse_floats(data)
+
+    @model_validator(mode="after")
+    def _changes_the_key(self) -> Self:
+        if self.old_sign_pub == self.new_sign_pub:
+            raise ValueError("a key rotation names a new signing key different from the old one")
+        return self
+
+    def signing_bytes(self) -> bytes:
+        return KEY_ROTATION_CONTEXT + canonical_json(self)
+
+
+class SignedKeyRotation(StrictModel):
+    """A key-rotation certificate as stored and served; verify it with :func:`verify_key_rotation`."""
+
+    rotation: KeyRotation
+    signature: Ed25519SignatureB64
+
+    def to_json(self) -> str:
+        return canonical_json(self).decode()
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> SignedKeyRotation:
+        """Parse a served certificate; malformed input raises :class:`KeyRotationError`."""
+        try:
+            return cls.model_validate_json(text)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(part) for part in error["loc"]) or "$"
+            raise KeyRotationError(f"not a valid key-rotation certificate: {where}: {error['msg']}") from None
+
+
+def sign_key_rotation(rotation: KeyRotation, old_sign_key: Ed25519PrivateKey) -> SignedKeyRotation:
+    """Owner side: sign with the key being retired, whose public half is ``rotation.old_sign_pub``."""
+    if b64encode(public_bytes(old_sign_key)) != rotation.old_sign_pub:
+        raise InvalidInput("a key rotation is signed with the old key it names (old_sign_pub)")
+    signature = old_sign_key.sign(rotation.signing_bytes())
+    return SignedKeyRotation(rotation=rotation, signature=b64encode(signature))
+
+
+def verify_key_rotation(signed: SignedKeyRotation) -> KeyRotation:
+    """Return the rotation if its signature verifies under its ``old_sign_pub``; else KeyRotationError."""
+    rotation = signed.rotation
+    try:
+        public_key = Ed25519PublicKey.from_public_bytes(b64decode(rotation.old_sign_pub))
+        public_key.verify(b64decode(signed.signature), rotation.signing_bytes())
+    except (InvalidSignature, ValueError):
+        raise KeyRotationError(
+            f"key-rotation certificate of tenant {rotation.tenant_id} from {rotation.old_sign_pub} does not "
+            "verify under that key"
+        ) from None
+    return rotation
+
+
+def follow_key_rotations(
+    rotations: Sequence[SignedKeyRotation], *, tenant_id: str, from_sign_pub: str, to_sign_pub: str
+) -> list[KeyRotation]:
+    """Verify that ``rotations`` link ``from_sign_pub`` to ``to_sign_pub``; return the path, in order.
+
+    Every certificate must verify and belong to ``tenant_id``. From ``from_sign_pub``, each step follows
+    the certificate signed by the current key until ``to_sign_pub`` is reached. Refused, each with
+    :class:`KeyRotationError`: a certificate that does not verify or names another tenant; two
+    certificates signed by the same key (a fork: only a stolen key would sign a second one); a cycle;
+    no certificate leading on from a key on the way.
+    """
+    if len(rotations) > MAX_KEY_ROTATIONS:
+        raise KeyRotationError(f"more than {MAX_KEY_ROTATIONS} key-rotation certificates")
+    by_old_key: dict[str, KeyRotation] = {}
+    for signed in rotations:
+        rotation = verify_key_rotation(signed)
+        if rotation.tenant_id != tenant_id:
+            raise KeyRotationError(
+                f"a key-rotation certificate is for tenant {rotation.tenant_id}, not {tenant_id}"
+            )
+        if rotation.old_sign_pub in by_old_key and by_old_key[rotation.old_sign_pub] != rotation:
+            raise KeyRotationError(
+                f"two key-rotation certificates of tenant {tenant_id} retire the same key "
+                f"{rotation.old_sign_pub} (a forked history): refusing both"
+            )
+        by_old_key[rotation.old_sign_pub] = rotation
+    path: list[KeyRotation] = []
+    seen = {from_sign_pub}
+    current = from_sign_pub
+    while current != to_sign_pub:
+        step = by_old_key.get(current)
+        if step is None:
+            raise KeyRotationError(
+                f"no key-rotation certificate of tenant {tenant_id} leads from {current} towards "
+                f"{to_sign_pub}: the expected owner key never handed over to the manifest's key"
+            )
+        if step.new_sign_pub in seen:
+            raise KeyRotationError(f"the key-rotation certificates of tenant {tenant_id} form a cycle")
+        seen.add(step.new_sign_pub)
+        path.append(step)
+        current = step.new_sign_pub
+    return path
+
+
+def rotated_revision(previous: RoomManifest, rotation: KeyRotation) -> RoomManifest:
+    """The manifest re-signed after an owner key rotation: the new owner keys and ``revision + 1``.
+
+    The only revision that may change ``owner_sign_pub``; everything else stays as it was.
+    """
+    if rotation.tenant_id != previous.tenant_id:
+        raise ManifestError(f"the key rotation is for tenant {rotation.tenant_id}, not {previous.tenant_id}")
+    if rotation.old_sign_pub != previous.owner_sign_pub:
+        raise ManifestError(
+            f"the key rotation retires {rotation.old_sign_pub}, but room {previous.room_id} is signed by "
+            f"{previous.owner_sign_pub}"
+        )
+    fields: dict[str, Any] = {name: getattr(previous, name) for name in RoomManifest.model_fields}
+    fields.update(
+        owner_sign_pub=rotation.new_sign_pub,
+        owner_box_pub=rotation.new_box_pub,
+        revision=previous.revision + 1,
+    )
     return RoomManifest.model_validate(fields)
 
 
