@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
@@ -25,8 +26,13 @@ from pydantic import ValidationError
 from hivemind_runner import __version__
 from hivemind_runner.attestation import AttestationPublisher, build_attestation
 from hivemind_runner.config import BackendChoice, RunnerSettings, host_runner_id
+from hivemind_runner.images import AgentImageCache
 from hivemind_runner.keys import RunnerKeys
 from hivemind_runner.lifecycle import PipelineRunner, RunLifecycle
+from hivemind_runner.llm import LlmConfig, LlmGateway
+from hivemind_runner.pipeline import Pipeline
+from hivemind_runner.sandbox.docker_backend import DockerBackend
+from hivemind_runner.sandbox.process_backend import ProcessBackend
 from hivemind_runner.tee import DstackTee, SimulatedTee, TeeError, TeeProvider
 from hivemind_runner.telemetry import StructuredLogger, configure_logging
 from hivemind_runner.worker import RunWorker, WorkerSettings
@@ -142,18 +148,14 @@ class Runner:
         return unfinished
 
     def stop(self) -> None:
-        """Begin a graceful shutdown (safe from a signal handler)."""
+        """Begin a graceful shutdown (safe from a signal handler: no I/O on the calling thread)."""
         self.worker.stop()
-        self.publisher.drain()
+        # Clients should stop choosing this runner now, not only once the running runs are done.
+        threading.Thread(target=self.publisher.drain, name="runner-drain", daemon=True).start()
 
 
 def build_pipeline(settings: RunnerSettings, keys: RunnerKeys, store: Store) -> PipelineRunner:
     """The real pipeline: the configured sandbox backend, its image cache and the LLM gateway."""
-    from hivemind_runner.llm import LlmConfig, LlmGateway
-    from hivemind_runner.pipeline import Pipeline
-    from hivemind_runner.sandbox.docker_backend import DockerBackend
-    from hivemind_runner.sandbox.process_backend import ProcessBackend
-
     backend: DockerBackend | ProcessBackend
     if settings.backend is BackendChoice.DOCKER:
         backend = DockerBackend()
@@ -163,7 +165,7 @@ def build_pipeline(settings: RunnerSettings, keys: RunnerKeys, store: Store) -> 
         docker_backend = DockerBackend()
         backend = docker_backend if docker_backend.available() else ProcessBackend()
     gateway = LlmGateway(LlmConfig.from_env(), runner_keys=keys.hpke)
-    return Pipeline(backend, backend, gateway)
+    return Pipeline(backend, AgentImageCache(backend), gateway)
 
 
 def main(argv: list[str] | None = None, *, pipeline_factory: PipelineFactory = build_pipeline) -> int:

@@ -64,6 +64,9 @@ class AttestationPublisher:
         self._logger = logger
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # Serialises the final status against a late drain(): "stopped" is always the last word.
+        self._status_lock = threading.Lock()
+        self._stopped = False
 
     @property
     def document(self) -> AttestationDocument:
@@ -101,13 +104,15 @@ class AttestationPublisher:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        with contextlib.suppress(HivemindError):
+        with self._status_lock, contextlib.suppress(HivemindError):
+            self._stopped = True
             self._store.runners.set_status(self._document.runner_id, status)
 
     def drain(self) -> None:
         """Tell clients to stop sealing new runs to this runner while in-flight runs finish."""
-        with contextlib.suppress(HivemindError):
-            self._store.runners.set_status(self._document.runner_id, RunnerStatus.DRAINING)
+        with self._status_lock, contextlib.suppress(HivemindError):
+            if not self._stopped:
+                self._store.runners.set_status(self._document.runner_id, RunnerStatus.DRAINING)
 
     def _loop(self) -> None:
         while not self._stop.wait(self._interval_s):

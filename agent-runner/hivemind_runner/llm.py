@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import logging
 import math
 import os
 import re
@@ -36,6 +37,8 @@ from hivemind.envelope import HpkeKeyPair, HpkePublicKeys, SealedEnvelope, open_
 from hivemind.errors import EnvelopeError, HivemindError, InvalidInput
 from hivemind.models import Budgets, Stage, StrictModel
 from pydantic import Field, SecretStr, ValidationError, field_validator
+
+logger = logging.getLogger(__name__)
 
 PROVIDER_KEY_INFO_PREFIX = b"hivemind-provider-key-v1|"
 BUILTIN_BASE_URLS = {
@@ -560,7 +563,9 @@ class LlmGateway:
             return None
         try:
             sealed = self._tenant_keys(tenant_id).get(provider)
-        except HivemindError:
+        except Exception as exc:
+            # Fail closed: without the payer's record the runner cannot know which key to use.
+            logger.error("provider keys of tenant %s unreadable: %s", tenant_id, type(exc).__name__)
             raise LlmProviderError("the payer's provider keys cannot be read") from None
         if sealed is None:
             return None

@@ -28,6 +28,7 @@ import logging
 import os
 import re
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -50,6 +51,7 @@ from hivemind_runner.bridge import (
     BridgeLimits,
     BridgeServer,
     SimulationLimit,
+    StageFinished,
     StageOutput,
     StageServices,
     StageSession,
@@ -57,8 +59,15 @@ from hivemind_runner.bridge import (
     tool_call_chain,
 )
 from hivemind_runner.llm import LlmGateway, RunLlm
-from hivemind_runner.sandbox.base import Outcome, PreparedAgent, SandboxBackend, SandboxResult, SandboxSpec
-from hivemind_runner.sandbox.process_backend import create_bridge_socket_dir
+from hivemind_runner.sandbox.base import (
+    Outcome,
+    PreparedAgent,
+    SandboxBackend,
+    SandboxError,
+    SandboxResult,
+    SandboxSpec,
+    create_bridge_socket_dir,
+)
 from hivemind_runner.scoped import (
     DataLoadError,
     ItemInfo,
@@ -79,6 +88,8 @@ ERROR_CODE = re.compile(r"[a-z][a-z0-9_]{0,63}")
 # ``<stage>_failed``. A closed set: an agent must not be able to write free text into the receipt.
 PASSED_FAILURE_CODES = frozenset({"budget_exceeded", "llm_provider_error", "provider_not_allowed"})
 ORDER = (Stage.SCOPE, Stage.QUERY, Stage.MEDIATOR)
+# How long the end of the scope stage waits for simulations it stopped to be torn down.
+_SIMULATION_DRAIN_S = 60
 
 
 # --- the interface the runner's worker uses -----------------------------------------------------------
@@ -138,9 +149,10 @@ class PipelineResult:
 
 
 class AgentImages(Protocol):
-    """Turns an agent's verified source into a runnable agent (the runner's image cache)."""
+    """Turns an agent's verified source into a runnable agent: the runner's
+    :class:`~hivemind_runner.images.AgentImageCache`."""
 
-    def prepare(self, source_dir: Path, source_digest: str) -> PreparedAgent: ...
+    def get(self, source_dir: Path, source_digest: str) -> PreparedAgent: ...
 
 
 class PipelineConfig(StrictModel):
@@ -166,8 +178,9 @@ class PipelineConfig(StrictModel):
 # --- internal control flow ------------------------------------------------------------------------------
 
 
-class _Failed(Exception):
-    """The run fails with this stable code (never with room data)."""
+class RunFailed(Exception):
+    """The run fails with ``code``: a stable identifier, never room data (the pipeline returns it as
+    ``PipelineResult.error_code``)."""
 
     def __init__(self, code: str):
         super().__init__(code)
@@ -186,6 +199,25 @@ class _CallbackFailed(Exception):
 class _StageRun:
     session: StageSession
     result: SandboxResult
+
+
+def stage_answer(stage: Stage, output: StageOutput | None, outcome: Outcome) -> StageOutput:
+    """The stage's answer, or :class:`RunFailed` with the code the run ends with.
+
+    An accepted answer counts whatever happened to the sandbox afterwards. A failure the agent reported
+    keeps its code only when it is one of :data:`PASSED_FAILURE_CODES`; a stage that posted nothing
+    failed by timeout, memory, or otherwise.
+    """
+    if output is not None and not output.failed:
+        return output
+    if output is not None:
+        code = output.error_code or ""
+        raise RunFailed(f"{stage.value}_{code}" if code in PASSED_FAILURE_CODES else f"{stage.value}_failed")
+    if outcome is Outcome.TIMEOUT:
+        raise RunFailed(f"{stage.value}_timeout")
+    if outcome is Outcome.OOM:
+        raise RunFailed(f"{stage.value}_out_of_memory")
+    raise RunFailed(f"{stage.value}_failed")
 
 
 def _budget_view(budgets: Budgets, timeout_s: int, llm: RunLlm) -> dict[str, int]:
@@ -265,8 +297,14 @@ class Pipeline:
         )
 
     def socket_root(self) -> Path:
+        """The parent of the stage socket directories: created 0711 if missing, and refused unless it
+        is a real directory of the runner's user that nobody else can write (whoever can rename
+        entries in it could swap a stage's socket for their own)."""
         root = self.config.socket_root or Path(tempfile.gettempdir()) / "hivemind-bridges"
         root.mkdir(mode=0o711, parents=True, exist_ok=True)
+        info = os.lstat(root)
+        if not stat.S_ISDIR(info.st_mode) or info.st_uid != os.geteuid() or info.st_mode & 0o022:
+            raise SandboxError(f"{root} is not a directory of the runner's user closed to other writers")
         return root
 
     def run(self, inputs: PipelineInputs, on_stage: Callable[[Stage], None]) -> PipelineResult:
@@ -297,7 +335,8 @@ class _Run:
         self.deadline = 0.0
         self.items: list[ScopedItem] = []
         self.simulations = 0
-        self.simulation_lock = threading.Lock()
+        self.active_simulations = 0
+        self.simulation_state = threading.Condition()
         self.diagnostics = inputs.workspace / "diagnostics"
         self.artifact_store: ArtifactStore | None = None
         self.simulation_runs: list[_StageRun] = []
@@ -325,9 +364,12 @@ class _Run:
             policy = self._scope_stage()
             answer = self._query_stage(policy)
             final = self._mediator_stage(policy, answer) if Stage.MEDIATOR in self.prepared else answer
-            output, content_type, artifacts = self._gate(policy, final)
-            return self._result(ok=True, output=output, content_type=content_type, artifacts=artifacts)
-        except _Failed as failure:
+            stored = self.artifact_store.stored if self.artifact_store is not None else {}
+            gated = gate_output(policy, final, stored)
+            return self._result(
+                ok=True, output=gated.output, content_type=gated.content_type, artifacts=gated.artifacts
+            )
+        except RunFailed as failure:
             return self._result(ok=False, error_code=failure.code)
         except _CallbackFailed:
             raise
@@ -373,23 +415,23 @@ class _Run:
         if manifest.mediator is not None:
             expected[Stage.MEDIATOR] = (manifest.mediator.agent_id, manifest.mediator.digest)
         if set(agents) != set(expected):
-            raise _Failed("agent_missing")
+            raise RunFailed("agent_missing")
         for stage, (agent_id, digest) in expected.items():
             agent = agents[stage]
             if agent.stage is not stage:
-                raise _Failed("agent_mismatch")
+                raise RunFailed("agent_mismatch")
             # An uploadable room pins no query agent; the worker resolved and verified it.
             if agent_id is not None and (agent.agent_id, agent.source_digest) != (agent_id, digest):
-                raise _Failed("agent_mismatch")
+                raise RunFailed("agent_mismatch")
 
     def _prepare_agents(self) -> None:
         for stage in ORDER:
             agent = self.inputs.agents.get(stage)
             if agent is None:
                 continue
-            prepared = self.pipeline.images.prepare(agent.source_dir, agent.source_digest)
+            prepared = self.pipeline.images.get(agent.source_dir, agent.source_digest)
             if prepared.source_digest != agent.source_digest:
-                raise _Failed("source_digest_mismatch")
+                raise RunFailed("source_digest_mismatch")
             self.prepared[stage] = prepared
             self.receipt_agents.append(
                 ReceiptAgent(
@@ -412,7 +454,7 @@ class _Run:
                     metadata=dict(item.metadata),
                 )
             except (ValidationError, OSError):
-                raise _Failed("data_invalid") from None
+                raise RunFailed("data_invalid") from None
             items.append(ScopedItem.from_path(info, item.path))
         return items
 
@@ -424,7 +466,7 @@ class _Run:
     def _stage_timeout(self, stage: Stage) -> int:
         left = self._time_left()
         if left < 1:
-            raise _Failed(f"{stage.value}_timeout")
+            raise RunFailed(f"{stage.value}_timeout")
         return left
 
     def _begin(self, stage: Stage) -> None:
@@ -541,31 +583,11 @@ class _Run:
             completion_tokens=llm.completion_tokens,
         )
 
-    @staticmethod
-    def _outcome(stage: Stage, run: _StageRun) -> StageOutput:
-        """The stage's answer, or the failure code the run ends with."""
-        output = run.session.output
-        if output is not None and not output.failed:
-            return output
-        if output is not None:
-            code = output.error_code or ""
-            raise _Failed(
-                f"{stage.value}_{code}" if code in PASSED_FAILURE_CODES else f"{stage.value}_failed"
-            )
-        if run.result.outcome is Outcome.TIMEOUT:
-            raise _Failed(f"{stage.value}_timeout")
-        if run.result.outcome is Outcome.OOM:
-            raise _Failed(f"{stage.value}_out_of_memory")
-        raise _Failed(f"{stage.value}_failed")
-
     def _run_stage(self, stage: Stage, services: StageServices, timeout_s: int) -> StageOutput:
         run = self._sandbox(stage, services, timeout_s, simulated=False, cancel=None)
         self._record(stage, run, stage.value)
-        runs = [run]
-        if stage is Stage.SCOPE:
-            runs += self.simulation_runs
-        self._account(stage, runs)
-        return self._outcome(stage, run)
+        self._account(stage, [run])
+        return stage_answer(stage, run.session.output, run.result.outcome)
 
     def _input(
         self, role: Stage, *, prompt: str | None, schema: Any, timeout_s: int, **rest: Any
@@ -606,7 +628,7 @@ class _Run:
         packed = pack_directory(agent.source_dir)
         manifest = validate_archive(packed)
         if manifest.digest != agent.source_digest:
-            raise _Failed("source_digest_mismatch")
+            raise RunFailed("source_digest_mismatch")
         files: dict[str, str] = {}
         budget = self.config.max_inspectable_bytes
         for entry in manifest.files:
@@ -625,7 +647,7 @@ class _Run:
         try:
             database = full_read_database(self.items, self.config.scoped)
         except DataLoadError as exc:
-            raise _Failed(exc.code) from None
+            raise RunFailed(exc.code) from None
         with database:
             data_policy = self.manifest.data_policy
             scope_finished = threading.Event()
@@ -648,15 +670,23 @@ class _Run:
                 simulator=self._simulator(scope_finished),
             )
             try:
-                output = self._run_stage(Stage.SCOPE, services, timeout)
+                run = self._sandbox(Stage.SCOPE, services, timeout, simulated=False, cancel=None)
             finally:
+                # Simulations still running are stopped, and waited for so their usage is counted.
                 scope_finished.set()
+                with self.simulation_state:
+                    self.simulation_state.wait_for(
+                        lambda: self.active_simulations == 0, timeout=_SIMULATION_DRAIN_S
+                    )
+        self._record(Stage.SCOPE, run, Stage.SCOPE.value)
+        self._account(Stage.SCOPE, [run, *self.simulation_runs])
+        output = stage_answer(Stage.SCOPE, run.session.output, run.result.outcome)
         if output.kind != "json" or output.data is None:
-            raise _Failed("scope_policy_invalid")
+            raise RunFailed("scope_policy_invalid")
         try:
             policy = resolve_policy(output.data, data_policy)
         except InvalidPolicy:
-            raise _Failed("scope_policy_invalid") from None
+            raise RunFailed("scope_policy_invalid") from None
         self.policy_digest = policy_hash(policy)
         return policy
 
@@ -665,34 +695,49 @@ class _Run:
     ) -> Callable[[Mapping[str, Any], str], dict[str, Any]]:
         def simulate(candidate: Mapping[str, Any], prompt: str) -> dict[str, Any]:
             policy = resolve_policy(candidate, self.manifest.data_policy)  # InvalidPolicy: 400 invalid_policy
-            with self.simulation_lock:
+            with self.simulation_state:
+                if scope_finished.is_set():
+                    raise StageFinished("the scope stage has ended")
                 if self.simulations >= self.config.max_simulations:
                     raise SimulationLimit(f"a run may simulate at most {self.config.max_simulations} times")
                 self.simulations += 1
+                self.active_simulations += 1
                 number = self.simulations
-            timeout = min(self.config.simulation_timeout_s, self._time_left() - 1)
-            if timeout < 1:
-                return {
-                    "output": None,
-                    "error": {"code": "timeout", "message": "the scope stage has no time left"},
-                }
             try:
-                database = build_scoped_database(self.items, policy, self.config.scoped)
-            except DataLoadError as exc:
-                return {"output": None, "error": {"code": exc.code, "message": exc.message}}
-            with database, tempfile.TemporaryDirectory(dir=self.inputs.workspace) as scratch:
-                services = self._query_services(policy_database=database, prompt=prompt, timeout_s=timeout)
-                # Simulated artifacts are kept apart and discarded with the scratch directory.
-                artifacts = ArtifactStore(Path(scratch) / "artifacts", self.config.bridge)
-                services = replace(
-                    services, artifacts=artifacts if services.artifacts_allowed else None, bill_to=Stage.SCOPE
-                )
-                run = self._sandbox(Stage.QUERY, services, timeout, simulated=True, cancel=scope_finished)
-            self._record(Stage.QUERY, run, f"scope-simulation-{number}")
-            self.simulation_runs.append(run)
-            return self._simulation_answer(run)
+                return self._simulate(policy, prompt, number, scope_finished)
+            finally:
+                with self.simulation_state:
+                    self.active_simulations -= 1
+                    self.simulation_state.notify_all()
 
         return simulate
+
+    def _simulate(
+        self, policy: ScopePolicy, prompt: str, number: int, scope_finished: threading.Event
+    ) -> dict[str, Any]:
+        """Run the query agent once in a fresh sandbox on a database built for ``policy``."""
+        timeout = min(self.config.simulation_timeout_s, self._time_left() - 1)
+        if timeout < 1:
+            return {
+                "output": None,
+                "error": {"code": "timeout", "message": "the scope stage has no time left"},
+            }
+        try:
+            database = build_scoped_database(self.items, policy, self.config.scoped)
+        except DataLoadError as exc:
+            return {"output": None, "error": {"code": exc.code, "message": exc.message}}
+        with database, tempfile.TemporaryDirectory(dir=self.inputs.workspace) as scratch:
+            services = self._query_services(policy_database=database, prompt=prompt, timeout_s=timeout)
+            # Simulated artifacts are kept apart and discarded with the scratch directory.
+            artifacts = ArtifactStore(Path(scratch) / "artifacts", self.config.bridge)
+            services = replace(
+                services, artifacts=artifacts if services.artifacts_allowed else None, bill_to=Stage.SCOPE
+            )
+            run = self._sandbox(Stage.QUERY, services, timeout, simulated=True, cancel=scope_finished)
+        self._record(Stage.QUERY, run, f"scope-simulation-{number}")
+        with self.simulation_state:
+            self.simulation_runs.append(run)
+        return self._simulation_answer(run)
 
     @staticmethod
     def _simulation_answer(run: _StageRun) -> dict[str, Any]:
@@ -740,10 +785,12 @@ class _Run:
         try:
             database = build_scoped_database(self.items, policy, self.config.scoped)
         except InvalidPolicy:
-            # The policy names tables or columns the data does not have: fail closed.
-            raise _Failed("scope_policy_invalid") from None
+            # The policy names tables or columns the data does not have: fail closed, and no policy
+            # was used.
+            self.policy_digest = None
+            raise RunFailed("scope_policy_invalid") from None
         except DataLoadError as exc:
-            raise _Failed(exc.code) from None
+            raise RunFailed(exc.code) from None
         with database:
             services = self._query_services(
                 policy_database=database, prompt=self.inputs.prompt, timeout_s=timeout
@@ -775,47 +822,56 @@ class _Run:
         )
         return self._run_stage(Stage.MEDIATOR, services, timeout)
 
-    # --- the last gate ---
 
-    def _gate(self, policy: ScopePolicy, final: StageOutput) -> tuple[bytes, str, dict[str, Path]]:
-        rules = policy.output
-        value = _answer_value(final)
-        if isinstance(value, str):
-            if rules.denied_by(value) is not None:
-                raise _Failed("output_denied")
-            output = rules.redact_text(value).encode("utf-8")
-            content_type = TEXT_CONTENT_TYPE
-        else:
-            if rules.denied_by(_serialize(value)) is not None or any(
-                rules.denied_by(leaf) is not None for leaf in _json_leaves(value)
-            ):
-                raise _Failed("output_denied")
-            output = _serialize(_redact_json(value, rules.redact_text)).encode("utf-8")
-            content_type = JSON_CONTENT_TYPE
-        artifacts = (
-            {} if self.artifact_store is None else self._gate_artifacts(policy, self.artifact_store.stored)
-        )
-        return output, content_type, artifacts
+# --- the last gate -----------------------------------------------------------------------------------
 
-    @staticmethod
-    def _gate_artifacts(policy: ScopePolicy, stored: Mapping[str, StoredArtifact]) -> dict[str, Path]:
-        """Text artifacts pass the same deny/redact rules as the answer; binary ones cannot be checked, so
-        they leave only when the policy has no output rules at all."""
-        rules = policy.output
-        gated: dict[str, Path] = {}
-        for name, artifact in sorted(stored.items()):
-            data = artifact.path.read_bytes()
-            try:
-                text = data.decode("utf-8")
-            except UnicodeDecodeError:
-                if rules.deny or rules.redact:
-                    raise _Failed("artifact_unverifiable") from None
-                gated[name] = artifact.path
-                continue
-            if rules.denied_by(text) is not None:
-                raise _Failed("output_denied")
-            redacted = rules.redact_text(text)
-            if redacted != text:
-                artifact.path.write_bytes(redacted.encode("utf-8"))
+
+@dataclass(frozen=True)
+class GatedOutput:
+    """What may leave the runner: the final answer's bytes, its content type, the artifacts' paths."""
+
+    output: bytes
+    content_type: str
+    artifacts: dict[str, Path]
+
+
+def gate_output(
+    policy: ScopePolicy, final: StageOutput, artifacts: Mapping[str, StoredArtifact] | None = None
+) -> GatedOutput:
+    """Apply the policy's ``output.deny`` and ``output.redact`` to the final answer and the artifacts.
+
+    Raises :class:`RunFailed` with ``output_denied`` when a deny pattern matches the answer (text, or any
+    key, string or number of a JSON answer, or its serialization) or a text artifact, and with
+    ``artifact_unverifiable`` for a binary artifact when the policy has output rules (bytes cannot be
+    checked). Text artifacts are redacted in place.
+    """
+    rules = policy.output
+    value = _answer_value(final)
+    if isinstance(value, str):
+        if rules.denied_by(value) is not None:
+            raise RunFailed("output_denied")
+        output, content_type = rules.redact_text(value).encode("utf-8"), TEXT_CONTENT_TYPE
+    else:
+        if rules.denied_by(_serialize(value)) is not None or any(
+            rules.denied_by(leaf) is not None for leaf in _json_leaves(value)
+        ):
+            raise RunFailed("output_denied")
+        output = _serialize(_redact_json(value, rules.redact_text)).encode("utf-8")
+        content_type = JSON_CONTENT_TYPE
+    gated: dict[str, Path] = {}
+    for name, artifact in sorted((artifacts or {}).items()):
+        data = artifact.path.read_bytes()
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            if rules.deny or rules.redact:
+                raise RunFailed("artifact_unverifiable") from None
             gated[name] = artifact.path
-        return gated
+            continue
+        if rules.denied_by(text) is not None:
+            raise RunFailed("output_denied")
+        redacted = rules.redact_text(text)
+        if redacted != text:
+            artifact.path.write_bytes(redacted.encode("utf-8"))
+        gated[name] = artifact.path
+    return GatedOutput(output=output, content_type=content_type, artifacts=gated)

@@ -103,19 +103,19 @@ class DstackTee:
                 ) from None
         self._client = client
 
-    def _call(self, what: str, method: str, *args: Any) -> Any:
+    def _call(self, method: str, *args: Any) -> Any:
         try:
             return getattr(self._client, method)(*args)
-        except (OSError, ConnectionError) as exc:
+        except OSError as exc:
             raise TeeUnavailable(
-                f"the dstack guest agent did not answer {what}: {type(exc).__name__}"
+                f"the dstack guest agent did not answer {method}: {type(exc).__name__}"
             ) from None
         except Exception as exc:
             # httpx and dstack_sdk raise their own types (HTTP status, protocol, validation errors).
-            raise TeeUnavailable(f"the dstack guest agent refused {what}: {type(exc).__name__}") from None
+            raise TeeUnavailable(f"the dstack guest agent refused {method}: {type(exc).__name__}") from None
 
     def seed(self) -> bytes:
-        response = self._call("get_key", "get_key", RUNNER_KEY_PATH)
+        response = self._call("get_key", RUNNER_KEY_PATH)
         try:
             key = response.decode_key()
         except (AttributeError, ValueError):
@@ -126,7 +126,7 @@ class DstackTee:
 
     def quote(self, report_data: bytes) -> tuple[bytes, list[EventLogEntry]]:
         _check_report_data(report_data)
-        response = self._call("get_quote", "get_quote", report_data)
+        response = self._call("get_quote", report_data)
         try:
             quote = response.decode_quote()
             raw_events = json.loads(response.event_log)
@@ -147,7 +147,7 @@ class DstackTee:
         return quote, events
 
     def identity(self) -> TeeIdentity:
-        info = self._call("info", "info")
+        info = self._call("info")
         try:
             app_id, compose_hash, instance_id = info.app_id, info.compose_hash, info.instance_id
         except AttributeError:

@@ -70,9 +70,13 @@ def agent_upload_body(
     tenant_id: str,
     room_id: str | None,
     runner: VerifiedRunner | None,
+    agent_id: str | None = None,
 ) -> AgentUpload:
-    """The declaration for ``packed``; sealed agents are sealed here to ``runner``'s attested keys."""
-    agent_id = random_id("agent")
+    """The declaration for ``packed``; sealed agents are sealed here to ``runner``'s attested keys.
+
+    The agent id is chosen here (or by the caller): a sealed agent's sealing context binds it.
+    """
+    agent_id = agent_id or random_id("agent")
     body: dict[str, Any] = {
         "agent_id": agent_id,
         "name": name,
@@ -108,6 +112,7 @@ def upload_agent(
     tenant_id: str,
     runner: VerifiedRunner | None,
     room_id: str | None = None,
+    agent_id: str | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """Declare, upload and commit an agent; returns the committed agent view.
@@ -116,7 +121,13 @@ def upload_agent(
     the agent joins the caller's library.
     """
     upload = agent_upload_body(
-        packed, name=name, visibility=visibility, tenant_id=tenant_id, room_id=room_id, runner=runner
+        packed,
+        name=name,
+        visibility=visibility,
+        tenant_id=tenant_id,
+        room_id=room_id,
+        runner=runner,
+        agent_id=agent_id,
     )
     path = f"/v1/rooms/{room_id}/query-agents" if room_id is not None else "/v1/room-agents"
     declared = api.post(path, upload.body)

@@ -38,10 +38,14 @@ def stdin_is_interactive() -> bool:
 class Ui:
     """Output for one command invocation."""
 
-    def __init__(self, *, json_output: bool = False) -> None:
+    def __init__(self, *, json_output: bool = False, data_to_stderr: bool = False) -> None:
         self.json_output = json_output
-        self.out = Console(soft_wrap=True, highlight=False)
+        self.out = Console(stderr=data_to_stderr, soft_wrap=True, highlight=False)
         self.err = Console(stderr=True, soft_wrap=True, highlight=False)
+
+    def on_stderr(self) -> Ui:
+        """A Ui that shows tables on stderr too: for prompts in commands whose stdout is data."""
+        return Ui(json_output=self.json_output, data_to_stderr=True)
 
     @property
     def interactive(self) -> bool:

@@ -12,13 +12,13 @@ import sys
 import traceback
 from typing import Annotated, Any
 
-import click
 import typer
 from hivemind.errors import HivemindError
 from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
 from hmctl import __version__
-from hmctl.commands import account, admin, agent, profile, room, run, tenant, trust
+from hmctl.commands import account, admin, agent, dev, doctor, profile, room, run, tenant, trust
 from hmctl.console import Ui
 from hmctl.errors import ApiError, CliError, ExitCode, exit_code_for
 from hmctl.session import AppState
@@ -31,7 +31,7 @@ def _hint_for(error: HivemindError) -> str | None:
         return error.hint
     code = error.code
     if code in ("credential_unknown", "credential_revoked", "credential_expired", "credentials_missing"):
-        return "check the profile (hmctl profile show) or the link; a revoked or expired invite cannot be used"
+        return "check the profile (hmctl profile show) or the link; revoked or expired invites stay unusable"
     if code == "room_deleted":
         return "the owner deleted this room; ask them for a new one"
     if code in ("insufficient_credit",):
@@ -48,7 +48,8 @@ def report_error(error: BaseException) -> int:
     if isinstance(error, HivemindError):
         ui.error(f"{error.message} [{error.code}]", _hint_for(error))
         return int(exit_code_for(error))
-    ui.error(f"unexpected {error.__class__.__name__}: {error}", f"set {DEBUG_ENV}=1 for details and report it")
+    hint = f"set {DEBUG_ENV}=1 for details and report it"
+    ui.error(f"unexpected {error.__class__.__name__}: {error}", hint)
     if os.environ.get(DEBUG_ENV):
         traceback.print_exception(error, file=sys.stderr)
     return int(ExitCode.ERROR)
@@ -57,15 +58,15 @@ def report_error(error: BaseException) -> int:
 class HmctlGroup(TyperGroup):
     """The root group: turns every error raised by a command into a message and an exit code."""
 
-    def invoke(self, ctx: click.Context) -> Any:
+    def invoke(self, ctx: typer.Context) -> Any:  # type: ignore[override]
         try:
             return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+        except (typer.Exit, typer.Abort, TyperException):
             raise
         except KeyboardInterrupt:
-            raise click.exceptions.Exit(130) from None
+            raise typer.Exit(130) from None
         except Exception as exc:  # every error leaves as an exit code, never a traceback
-            raise click.exceptions.Exit(report_error(exc)) from None
+            raise typer.Exit(report_error(exc)) from None
 
 
 app = typer.Typer(
@@ -89,7 +90,9 @@ def main(
     ctx: typer.Context,
     profile_name: Annotated[
         str | None,
-        typer.Option("--profile", "-p", envvar="HMCTL_PROFILE", help="Profile to use (default: the current one)."),
+        typer.Option(
+            "--profile", "-p", envvar="HMCTL_PROFILE", help="Profile to use (default: the current)."
+        ),
     ] = None,
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
@@ -112,3 +115,7 @@ app.add_typer(run.app, name="run")
 app.add_typer(trust.app, name="trust")
 app.add_typer(tenant.app, name="tenant")
 app.add_typer(admin.app, name="admin")
+
+# The local stack and diagnostics (hmctl.commands.dev, hmctl.commands.doctor).
+app.add_typer(dev.app, name="dev")
+doctor.register(app)

@@ -29,7 +29,7 @@ from typing import Any, BinaryIO
 
 from hivemind.attestation import VerifiedRunner
 from hivemind.encoding import b64encode
-from hivemind.errors import Forbidden, InvalidInput, WrapError
+from hivemind.errors import Forbidden, IntegrityError, WrapError
 from hivemind.keys import (
     auth_hash,
     credential_id,
@@ -68,11 +68,12 @@ from hivemind.policy import ScopePolicy
 from hivemind.seal import SealContext, seal_stream
 from hivemind.tokens import Secret, TokenKind, random_id
 from hivemind.trust import RunnerTrust, RunnerTrustMode
+from pydantic import ValidationError
 
 from hmctl.agents import PackedAgent, upload_agent
 from hmctl.client import ApiClient, Progress
 from hmctl.errors import NotAccepted, UsageError
-from hmctl.profiles import AcceptedManifest, Profile, ProfileStore
+from hmctl.profiles import AcceptedManifest, Profile, ProfileKind, ProfileStore
 from hmctl.verify import (
     RunnerCheck,
     check_acceptance,
@@ -117,9 +118,6 @@ class RoomAccess:
     def is_owner(self) -> bool:
         return self.secret.kind is TokenKind.TENANT and self.link is None
 
-    def api(self, **options: Any) -> ApiClient:
-        return ApiClient.for_secret(self.service, self.secret, **options)
-
 
 def owner_sign_pub(secret: Secret) -> str:
     return b64encode(public_bytes(owner_sign_key(secret)))
@@ -146,7 +144,7 @@ def room_access(profile: Profile, room: str) -> RoomAccess:
         )
     if room in profile.links:
         return room_access(profile, profile.links[room])
-    if profile.key is None or profile.kind.value != "tenant":
+    if profile.kind is not ProfileKind.TENANT:
         raise UsageError(
             f"{room} is neither an invite link nor a room this profile joined",
             hint="pass the hmroom:// link you were given, or accept it first: hmctl room accept LINK",
@@ -167,8 +165,10 @@ def bearer_of(access: RoomAccess, tenant_id: str | None) -> str:
 
 
 def accept_command(profile: Profile, access: RoomAccess) -> str:
-    target = "LINK" if access.link is not None else access.room_id
-    return f"hmctl --profile {profile.name} room accept {target}"
+    """The command that accepts this room (a link is not repeated: it is a secret, and may be logged)."""
+    if access.link is not None:
+        return f"hmctl --profile {profile.name} room accept LINK   (the same hmroom:// link)"
+    return f"hmctl --profile {profile.name} room accept {access.room_id}"
 
 
 # --- verifying a room -------------------------------------------------------------------------------
@@ -254,20 +254,17 @@ def check_room(
     accepted_store = store.accepted(profile.name)
     fetched = fetch_room(api, access, accepted=accepted_store.get(access.room_id))
     try:
-        unchanged = check_acceptance(
+        rotated = check_acceptance(
             fetched.signed,
             accepted=fetched.accepted,
             rotations=fetched.rotations,
             accept_command=accept_command(profile, access),
         )
-        if unchanged and (
-            fetched.accepted is None or fetched.accepted.manifest_hash != fetched.signed.manifest_hash
-        ):
-            # Accepted terms re-signed after an owner key rotation: remember the new revision.
-            record_acceptance(accepted_store, fetched.signed, pinned_sign_pub=access.pinned_sign_pub, now=now)
     except NotAccepted:
         if not confirm_acceptance(fetched):
             raise
+        rotated = True
+    if rotated:
         record_acceptance(accepted_store, fetched.signed, pinned_sign_pub=access.pinned_sign_pub, now=now)
     manifest = fetched.manifest
     if skip_attestations:
@@ -360,7 +357,10 @@ def runner_trust_from(
             "no runner verified, so there is no build to trust" + (f" ({reasons})" if reasons else ""),
             hint="check `hmctl trust attest`, or name the builds with --trust-compose HASH",
         )
-    return RunnerTrust(mode=mode, allowed_compose_hashes=sorted(set(hashes)))
+    try:
+        return RunnerTrust(mode=mode, allowed_compose_hashes=sorted(set(hashes)))
+    except ValidationError as exc:
+        raise UsageError(f"runner trust: {exc.errors()[0]['msg']}") from None
 
 
 @dataclass(frozen=True)
@@ -379,31 +379,29 @@ def create_room(
     runner: VerifiedRunner | None,
     now: int,
 ) -> CreatedRoom:
-    """Upload the agents, sign the manifest (revision 1), create the room with the owner's DEK wrap."""
-    refs: dict[tuple[str, Visibility], AgentRef] = {}
+    """Sign the manifest (revision 1), upload the agents it pins, create the room with the owner's wrap.
 
-    def pinned(choice: AgentChoice, role: str) -> AgentRef:
+    The manifest is built and checked before anything is uploaded (agent ids are chosen here), so a
+    mistake in the room's terms costs no upload.
+    """
+    chosen: dict[tuple[str, Visibility], tuple[AgentRef, AgentChoice, str]] = {}
+
+    def pin(choice: AgentChoice | None, role: str) -> AgentRef | None:
+        if choice is None:
+            return None
         key = (choice.packed.digest, choice.visibility)
-        if key not in refs:
-            # The same directory in two roles is uploaded once.
-            view = upload_agent(
-                api,
-                choice.packed,
-                name=f"{spec.name[:150]} {role}",
-                visibility=choice.visibility,
-                tenant_id=tenant_id,
-                runner=runner,
+        if key not in chosen:
+            # The same directory in two roles is one agent.
+            ref = AgentRef(
+                agent_id=random_id("agent"), digest=choice.packed.digest, visibility=choice.visibility
             )
-            refs[key] = AgentRef(
-                agent_id=view["agent_id"], digest=view["source_digest"], visibility=choice.visibility
-            )
-            if view["source_digest"] != choice.packed.digest:
-                raise InvalidInput(f"the service recorded another digest for the {role} agent")
-        return refs[key]
+            chosen[key] = (ref, choice, role)
+        return chosen[key][0]
 
-    scope = pinned(spec.scope, "scope")
-    if spec.query is not None:
-        query_ref = pinned(spec.query, "query")
+    scope = pin(spec.scope, "scope")
+    query_ref = pin(spec.query, "query")
+    mediator = pin(spec.mediator, "mediator")
+    if query_ref is not None:
         query = QueryRule(
             mode=QueryMode.FIXED,
             agent_id=query_ref.agent_id,
@@ -412,30 +410,47 @@ def create_room(
         )
     else:
         query = QueryRule(mode=QueryMode.UPLOADABLE, visibility=spec.uploaded_query_visibility)
-    mediator = pinned(spec.mediator, "mediator") if spec.mediator is not None else None
-
     room_id = random_id("room")
-    manifest = RoomManifest(
-        room_id=room_id,
-        tenant_id=tenant_id,
-        name=spec.name,
-        rules=spec.rules,
-        rules_sha256=rules_digest(spec.rules),
-        policy=spec.policy,
-        scope=scope,
-        query=query,
-        mediator=mediator,
-        output=OutputRule(visibility=spec.output),
-        egress=EgressRule(llm_providers=spec.llm_providers, artifacts=spec.artifacts),
-        budgets=spec.budgets,
-        runner_trust=spec.runner_trust,
-        data_policy=spec.data_policy,
-        owner_sign_pub=owner_sign_pub(secret),
-        owner_box_pub=owner_box_pub(secret),
-        created_at=now,
-        revision=1,
-    )
+    try:
+        manifest = RoomManifest(
+            room_id=room_id,
+            tenant_id=tenant_id,
+            name=spec.name,
+            rules=spec.rules,
+            rules_sha256=rules_digest(spec.rules),
+            policy=spec.policy,
+            scope=scope,
+            query=query,
+            mediator=mediator,
+            output=OutputRule(visibility=spec.output),
+            egress=EgressRule(llm_providers=spec.llm_providers, artifacts=spec.artifacts),
+            budgets=spec.budgets,
+            runner_trust=spec.runner_trust,
+            data_policy=spec.data_policy,
+            owner_sign_pub=owner_sign_pub(secret),
+            owner_box_pub=owner_box_pub(secret),
+            created_at=now,
+            revision=1,
+        )
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(part) for part in error["loc"]) or "manifest"
+        raise UsageError(f"the room's terms are not valid: {where}: {error['msg']}") from None
     signed = sign_manifest(manifest, owner_sign_key(secret))
+
+    for ref, choice, role in chosen.values():
+        view = upload_agent(
+            api,
+            choice.packed,
+            name=f"{spec.name[:150]} {role}",
+            visibility=choice.visibility,
+            tenant_id=tenant_id,
+            runner=runner,
+            agent_id=ref.agent_id,
+        )
+        if view["source_digest"] != ref.digest or view["agent_id"] != ref.agent_id:
+            raise IntegrityError(f"the service recorded the {role} agent as something else than was uploaded")
+
     dek = new_dek()
     owner_wrap = wrap_dek(wrap_key(secret, room_id), dek, room_id=room_id, bearer_id=tenant_id)
     api.post("/v1/rooms", {"signed_manifest": signed.model_dump(mode="json"), "owner_wrap": owner_wrap})

@@ -120,12 +120,15 @@ def check_acceptance(
     rotations: Sequence[SignedKeyRotation],
     accept_command: str,
 ) -> bool:
-    """Step 2. True if this exact manifest was accepted; True (and worth recording) when it differs from
-    the accepted one only by an owner key rotation that ``rotations`` prove; else NotAccepted.
+    """Step 2: this profile accepted these terms; else NotAccepted naming ``accept_command``.
+
+    Returns False when it accepted exactly this manifest, True when the manifest differs from the
+    accepted one only by an owner key rotation that ``rotations`` prove (the caller records the new
+    revision, so it becomes the floor for rollbacks).
     """
     manifest = signed.manifest
     if accepted is not None and accepted.manifest_hash == signed.manifest_hash:
-        return True
+        return False
     if (
         accepted is not None
         and accepted.terms_sha256 == terms_sha256(manifest)

@@ -5,8 +5,11 @@
 - a settlement in the settlements dead-letter queue: a finished run is not billed (replay it);
 - the oldest message in the runs queue is older than ``runs_backlog_alarm_age_s``: no runner is
   taking work;
-- fewer live runners than ``runner_count``: the janitor publishes ``LiveRunners`` (EMF, namespace
-  ``Hivemind``, dimension ``service`` = the janitor's function name) on every sweep;
+- fewer live runners than ``runner_count``: every runner updates its row of the Runners table once per
+  heartbeat (``runner_heartbeat_s``, 30 s by default) and nothing else updates that table, so the
+  number of successful ``UpdateItem`` calls on it (``SampleCount`` of DynamoDB's
+  ``SuccessfulRequestLatency``) counts heartbeats: with ``n`` runners, ``n * 300 / heartbeat`` per five
+  minutes. The alarm fires below ``(runner_count - 0.5)`` runners' worth, and when there is no data;
 - API 5xx responses above ``api_5xx_alarm_threshold`` in five minutes;
 - any error of the settle or janitor functions.
 
@@ -19,6 +22,7 @@ from __future__ import annotations
 from aws_cdk import Aws, Duration, RemovalPolicy
 from aws_cdk import aws_cloudwatch as cloudwatch
 from aws_cdk import aws_cloudwatch_actions as actions
+from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_kms as kms
 from aws_cdk import aws_lambda as lambda_
@@ -46,7 +50,7 @@ class Alarms(Construct):
         api_server_errors: cloudwatch.IMetric,
         settle: lambda_.IFunction,
         janitor: lambda_.IFunction,
-        janitor_service_name: str,
+        runners_table: dynamodb.ITable,
     ) -> None:
         super().__init__(scope, construct_id)
         self.key = kms.Key(
@@ -92,21 +96,22 @@ class Alarms(Construct):
             threshold=config.runs_backlog_alarm_age_s,
             description="Runs wait in the queue: no runner is taking work.",
         )
+        beats = _PERIOD.to_seconds() / config.runner_heartbeat_s
         self._alarm(
             "RunnersMissing",
             cloudwatch.Metric(
-                namespace="Hivemind",
-                metric_name="LiveRunners",
-                dimensions_map={"service": janitor_service_name},
+                namespace="AWS/DynamoDB",
+                metric_name="SuccessfulRequestLatency",
+                dimensions_map={"TableName": runners_table.table_name, "Operation": "UpdateItem"},
                 period=_PERIOD,
-                statistic="Minimum",
+                statistic="SampleCount",
             ),
-            threshold=config.runner_count,
+            threshold=(config.runner_count - 0.5) * beats,
             comparison=cloudwatch.ComparisonOperator.LESS_THAN_THRESHOLD,
-            # No data means the janitor is not reporting: treat it as missing runners too.
+            # No heartbeat at all publishes no data point: that is every runner missing.
             missing=cloudwatch.TreatMissingData.BREACHING,
             evaluation_periods=2,
-            description=f"Fewer than {config.runner_count} runners sent a heartbeat recently.",
+            description=f"Fewer than {config.runner_count} runners sent heartbeats in the last ten minutes.",
         )
         self._alarm(
             "ApiServerErrors",

@@ -69,6 +69,8 @@ class EnvironmentConfig(BaseModel):
 
     # --- runners (dstack CVMs outside AWS) ---
     runner_count: int = Field(default=1, ge=1, le=100)
+    # The runners' heartbeat interval (HIVEMIND_RUNNER_HEARTBEAT_S of the runner); the alarm counts beats.
+    runner_heartbeat_s: int = Field(default=30, ge=5, le=300)
     # Principals allowed to assume the runner role; empty: any principal of this account whose own
     # IAM policy allows sts:AssumeRole on it (the account root is trusted).
     runner_trusted_principals: tuple[str, ...] = ()

@@ -17,7 +17,7 @@ condition-check actions it contains.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from aws_cdk import Duration, RemovalPolicy
@@ -67,7 +67,6 @@ class FunctionSpec:
     # Object actions by key pattern, and folder prefixes it may list (for deleting a folder).
     objects: tuple[tuple[tuple[str, ...], tuple[str, ...]], ...] = ()
     list_prefixes: tuple[str, ...] = ()
-    environment: dict[str, str] = field(default_factory=dict)
 
 
 ROOMS_ALL = key_pattern(schema.room_prefix, 1, "*")
@@ -82,12 +81,12 @@ AGENTS_FOLDER = key_pattern(schema.agent_prefix, 1).split("*")[0]
 
 _READ_OBJECT = ("s3:GetObject", "s3:GetObjectVersion")
 _DELETE_OBJECT = ("s3:DeleteObject", "s3:DeleteObjectVersion")
-_BILLING = (
+# What closing a hold needs (billing.settle / billing.release): the ledger transaction of DESIGN §11.
+_CLOSE_HOLDS = (
     TableGrant(TableRole.ACCOUNTS, (GET, UPDATE)),
     TableGrant(TableRole.LEDGER, (GET, PUT, QUERY)),
-    TableGrant(TableRole.BILLING_MARKERS, (GET, PUT, UPDATE)),
+    TableGrant(TableRole.BILLING_MARKERS, (GET, UPDATE)),
 )
-_IDEMPOTENCY = TableGrant(TableRole.IDEMPOTENCY, (GET, PUT, UPDATE, DELETE))
 
 API = FunctionSpec(
     name="api",
@@ -116,7 +115,8 @@ API = FunctionSpec(
         TableGrant(TableRole.PRICES, (GET, PUT, DELETE, QUERY, SCAN)),
         TableGrant(TableRole.AUDIT, (GET, PUT, QUERY)),
         TableGrant(TableRole.RATE_LIMITS, (UPDATE,)),
-        _IDEMPOTENCY,
+        # Powertools idempotency of run submissions.
+        TableGrant(TableRole.IDEMPOTENCY, (GET, PUT, UPDATE, DELETE)),
     ),
     objects=(
         # Verifying uploads, serving inspectable agent files, presigned downloads of outputs/exports.
@@ -137,10 +137,9 @@ SETTLE = FunctionSpec(
     timeout_s=schema.SCHEMA.queue(QueueRole.SETTLEMENTS).visibility_timeout_s // 6,
     description="Hivemind settlement of finished runs (SQS, partial batch failures)",
     tables=(
-        TableGrant(TableRole.RUNS, (GET, UPDATE)),
+        TableGrant(TableRole.RUNS, (GET,)),
         TableGrant(TableRole.PRICES, (GET, QUERY)),
-        *_BILLING,
-        _IDEMPOTENCY,
+        *_CLOSE_HOLDS,
     ),
 )
 
@@ -153,16 +152,18 @@ JANITOR = FunctionSpec(
     tables=(
         TableGrant(TableRole.RUNS, (GET, UPDATE, QUERY), (schema.RUNS_OPEN,)),
         TableGrant(TableRole.ACCOUNTS, (GET, UPDATE)),
+        # The daily export reads a day's entries through the by-day index.
         TableGrant(TableRole.LEDGER, (GET, PUT, QUERY), (schema.LEDGER_BY_DAY,)),
-        TableGrant(TableRole.BILLING_MARKERS, (GET, PUT, UPDATE)),
-        # Abandoned uploads are item and agent records never committed: found by a paged scan.
-        TableGrant(TableRole.ROOMS, (GET, QUERY, SCAN, DELETE)),
+        # Stale holds, abandoned item and agent uploads: no index lists them, so a segmented scan.
+        TableGrant(TableRole.BILLING_MARKERS, (GET, UPDATE, SCAN)),
+        TableGrant(TableRole.ROOMS, (GET, SCAN, DELETE)),
         TableGrant(TableRole.AGENTS, (GET, SCAN, DELETE)),
-        TableGrant(TableRole.RUNNERS, (GET, QUERY), (schema.RUNNERS_BY_HEARTBEAT,)),
     ),
     objects=(
-        (_DELETE_OBJECT, (ROOM_ITEMS, AGENT_SOURCES)),
-        (("s3:PutObject",), (LEDGER_EXPORTS,)),
+        # An abandoned item is one object; an abandoned agent is its whole folder.
+        (_DELETE_OBJECT, (ROOM_ITEMS, AGENTS_ALL)),
+        # The export checks whether the day was written already, then writes it.
+        (("s3:GetObject", "s3:PutObject"), (LEDGER_EXPORTS,)),
     ),
     list_prefixes=(ROOMS_FOLDER, AGENTS_FOLDER),
 )
@@ -314,11 +315,7 @@ class Functions(Construct):
             timeout=Duration.seconds(spec.timeout_s),
             role=role,
             log_group=log_group,
-            environment={
-                **self.environment,
-                "POWERTOOLS_SERVICE_NAME": name,
-                **spec.environment,
-            },
+            environment={**self.environment, "POWERTOOLS_SERVICE_NAME": name},
         )
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from aws_cdk import App, Aspects, CfnOutput, Environment, Stack, Tags
 from cdk_nag import AwsSolutionsChecks, NagPackSuppression, NagSuppressions
 from constructs import Construct
-from hivemind.store.schema import QueueRole
+from hivemind.store.schema import QueueRole, TableRole
 
 from hivemind_infra.alarms import Alarms
 from hivemind_infra.api import HttpApi
@@ -53,7 +53,7 @@ class HivemindStack(Stack):
             api_server_errors=self.http_api.api.metric_server_error(),
             settle=self.functions.settle,
             janitor=self.functions.janitor,
-            janitor_service_name=self.functions.janitor.function_name,
+            runners_table=self.storage.table(TableRole.RUNNERS),
         )
         self._outputs()
         self._suppress()

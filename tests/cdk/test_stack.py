@@ -378,10 +378,14 @@ def test_alarms_watch_dead_letters_backlog_runners_and_errors(synthesized: Synth
             synthesized.config.runs_backlog_alarm_age_s,
         ),
         "RunnersMissing": (
-            "Hivemind",
-            "LiveRunners",
-            [{"Name": "service", "Value": {"Ref": functions[f"{prefix}-janitor"][0]}}],
-            synthesized.config.runner_count,
+            "AWS/DynamoDB",
+            "SuccessfulRequestLatency",
+            [
+                {"Name": "Operation", "Value": "UpdateItem"},
+                {"Name": "TableName", "Value": {"Ref": _table_ids(synthesized)[TableRole.RUNNERS]}},
+            ],
+            # Heartbeats of (runner_count - 0.5) runners in five minutes.
+            (synthesized.config.runner_count - 0.5) * 300 / synthesized.config.runner_heartbeat_s,
         ),
         "ApiServerErrors": (
             "AWS/ApiGateway",
@@ -403,6 +407,7 @@ def test_alarms_watch_dead_letters_backlog_runners_and_errors(synthesized: Synth
         ),
     }
     assert alarms["RunnersMissing"]["ComparisonOperator"] == "LessThanThreshold"
+    assert alarms["RunnersMissing"]["Statistic"] == "SampleCount"
     assert alarms["RunnersMissing"]["TreatMissingData"] == "breaching"
     assert alarms["RunsDeadLetters"]["ComparisonOperator"] == "GreaterThanOrEqualToThreshold"
 
@@ -565,14 +570,13 @@ def _tables_touched(synth: Synthesized, name: str) -> set[TableRole]:
     }
 
 
-def test_settle_touches_only_runs_prices_billing_and_idempotency(synthesized: Synthesized) -> None:
+def test_settle_touches_only_runs_prices_and_billing(synthesized: Synthesized) -> None:
     assert _tables_touched(synthesized, "settle") == {
         TableRole.RUNS,
         TableRole.PRICES,
         TableRole.ACCOUNTS,
         TableRole.LEDGER,
         TableRole.BILLING_MARKERS,
-        TableRole.IDEMPOTENCY,
     }
     granted = _function_grants(synthesized, "settle")
     assert not any(action.startswith("s3:") for actions in granted.values() for action in actions)
@@ -582,9 +586,16 @@ def test_settle_touches_only_runs_prices_billing_and_idempotency(synthesized: Sy
 
 def test_janitor_never_reads_credentials_nor_room_objects(synthesized: Synthesized) -> None:
     touched = _tables_touched(synthesized, "janitor")
-    assert not touched & {TableRole.CREDENTIALS, TableRole.TENANTS, TableRole.CREDIT_CODES, TableRole.NONCES}
+    assert not touched & {
+        TableRole.CREDENTIALS,
+        TableRole.TENANTS,
+        TableRole.CREDIT_CODES,
+        TableRole.NONCES,
+        TableRole.RUNNERS,
+    }
     granted = _function_grants(synthesized, "janitor")
-    assert not any("s3:GetObject" in actions for actions in granted.values())
+    readable = {resource for resource, actions in granted.items() if "s3:GetObject" in actions}
+    assert readable == {f"<{_bucket_id(synthesized)}.Arn>/exports/ledger/*"}
     runs_dlq = f"<{_queue_ids(synthesized)[QueueRole.RUNS_DLQ]}.Arn>"
     assert {"sqs:ReceiveMessage", "sqs:DeleteMessage"} <= granted[runs_dlq]
 

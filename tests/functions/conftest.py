@@ -186,8 +186,10 @@ class ApiResponse:
             return None
 
     def ok(self, status: int = 200) -> Any:
-        """The JSON body, after asserting the status (the body is shown when it differs)."""
+        """The body (parsed when it is JSON), after asserting the status (shown when it differs)."""
         assert self.status == status, f"expected {status}, got {self.status}: {self.body[:2000]!r}"
+        if not self.headers.get("content-type", "").startswith("application/json"):
+            return self.body
         return self.json() if self.body else None
 
 

@@ -155,6 +155,14 @@ def test_unexpected_errors_are_500_without_details(services, lambda_client_for) 
     assert response.json() == {"error": "something_changed", "message": "it changed"}
 
 
+def test_bad_settings_answer_500_without_details(monkeypatch, lambda_client_for) -> None:
+    monkeypatch.setenv("HIVEMIND_MAX_BODY_BYTES", "lots")
+    client = lambda_client_for(create_app())
+    response = client.get("/v1/healthz")
+    assert (response.status, response.error) == (500, "internal_error")
+    assert "HIVEMIND" not in response.body.decode()
+
+
 def test_handler_import_is_cheap_and_reads_no_settings() -> None:
     # A broken setting must not break the import (Lambda init); it surfaces on the first request.
     script = textwrap.dedent(

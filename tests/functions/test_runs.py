@@ -515,3 +515,41 @@ def test_the_owner_gets_the_output_when_the_room_shares_it(api, hm, store: Store
     assert (missing.status, missing.error) == (404, "artifact_not_found")
     hidden = api.get(f"/v1/runs/{run_id}/artifacts/chart.png", token=dave.token)
     assert (hidden.status, hidden.error) == (404, "run_not_found")
+
+
+@pytest.mark.parametrize("api", ["http"], indirect=True)  # two requests at once need a real server
+def test_a_duplicate_sent_while_the_first_is_in_flight_is_told_to_retry(
+    http_api, hm, store: Store, asker: Asker, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    alice = hm.tenant("alice")
+    store.billing.grant(alice.tenant_id, 1_000_000)
+    room = hm.room(alice)
+    body = asker.body(room, alice, hm.runner())
+    entered, release = threading.Event(), threading.Event()
+    real_put = store.blobs.put_bytes
+
+    def slow_put(*args: Any, **kwargs: Any) -> Any:
+        entered.set()
+        release.wait(10)
+        return real_put(*args, **kwargs)
+
+    monkeypatch.setattr(store.blobs, "put_bytes", slow_put)
+    first: dict[str, Any] = {}
+    thread = threading.Thread(
+        target=lambda: first.update(
+            response=http_api.post(f"/v1/rooms/{room.room_id}/runs", token=alice.token, json=body)
+        )
+    )
+    thread.start()
+    assert entered.wait(10)
+
+    duplicate = http_api.post(f"/v1/rooms/{room.room_id}/runs", token=alice.token, json=body)
+    release.set()
+    thread.join()
+
+    assert (duplicate.status, duplicate.error) == (409, "request_in_progress")
+    created = first["response"].ok(201)
+    retried = http_api.post(f"/v1/rooms/{room.room_id}/runs", token=alice.token, json=body).ok(201)
+    assert retried == created
+    assert len(_hold_entries(store, alice.tenant_id)) == 1
+    assert queued_run_ids(store) == [created["run_id"]]

@@ -18,7 +18,7 @@ from hivemind.models import OutputVisibility, RunStatus, Stage, Visibility
 from hivemind.receipt import ReceiptExpectations, SignedReceipt, verify_artifact, verify_receipt
 from hivemind.seal import SealContext, open_bytes
 from hivemind.store import Store
-from hivemind.store.schema import QueueRole, TableRole, run_artifact_key, run_receipt_key
+from hivemind.store.schema import QueueRole, TableRole, item_key, run_artifact_key, run_receipt_key
 from hivemind_runner.lifecycle import RunOutcome
 from support.rooms import (
     Room,
@@ -473,6 +473,47 @@ def test_manifest_changed_since_the_client_accepted_it_is_refused(
     )
     runner.lifecycle.execute(submitted.run_id, receive_count=1)
     assert_failed(store, runner, submitted.run_id, "manifest_mismatch")
+
+
+def repoint_item(store: Store, room: Room, item_id: str, blob: bytes) -> None:
+    """What an attacker with the bucket and the tables can do: store other bytes and repoint the item."""
+    stored = store.blobs.put_bytes(item_key(room.room_id, item_id), blob)
+    store.clients.dynamodb.update_item(
+        TableName=store.config.table_name(TableRole.ROOMS),
+        Key={"room_id": {"S": room.room_id}, "sk": {"S": f"item#{item_id}"}},
+        UpdateExpression="SET version_id = :version, sha256 = :sha, #size = :size",
+        ExpressionAttributeNames={"#size": "size"},
+        ExpressionAttributeValues={
+            ":version": {"S": stored.version_id or ""},
+            ":sha": {"S": stored.sha256},
+            ":size": {"N": str(stored.size)},
+        },
+    )
+
+
+@pytest.mark.parametrize("attack", ["flip", "other_room"])
+def test_tampered_or_moved_item_is_refused(
+    store: Store, tmp_path: Path, pipeline: FakePipeline, runner: HarnessRunner, attack: str
+) -> None:
+    room = make_room(store, tmp_path)
+    original = store.blobs.get_bytes(item_key(room.room_id, "item_sales"))
+    if attack == "flip":
+        blob = bytearray(original)
+        blob[40] ^= 1
+        replacement = bytes(blob)
+    else:
+        # The same item id sealed for another room of the same owner (another DEK and context).
+        other = create_room(
+            store, room.owner, room.manifest.model_copy(update={"room_id": "room_othersource"})
+        )
+        replacement = store.blobs.get_bytes(
+            item_key(other.room_id, seal_item(store, other, b"x,y\n", item_id="item_sales").item_id)
+        )
+    repoint_item(store, room, "item_sales", replacement)
+    submitted = submit_run(store, room, runner_keys=runner.keys.hpke_public_keys)
+    runner.lifecycle.execute(submitted.run_id, receive_count=1)
+    assert_failed(store, runner, submitted.run_id, "seal_tag_mismatch")
+    assert pipeline.seen == []
 
 
 def test_agent_source_that_does_not_match_the_pinned_digest_is_refused(

@@ -123,6 +123,7 @@ def test_a_run_goes_pending_running_completed_and_its_message_is_deleted(
     assert settle_run_ids(store) == [submitted.run_id]
 
 
+@pytest.mark.slow
 def test_malformed_and_unknown_messages_are_left_for_the_dead_letter_queue(
     store: Store, runner: HarnessRunner
 ) -> None:
@@ -135,6 +136,7 @@ def test_malformed_and_unknown_messages_are_left_for_the_dead_letter_queue(
     assert queue_counts(store) == (0, 0)
 
 
+@pytest.mark.slow
 def test_visibility_is_extended_while_a_run_is_going(
     store: Store, runner: HarnessRunner, room: Room, pipeline: FakePipeline
 ) -> None:
@@ -176,6 +178,7 @@ def test_a_message_received_more_often_than_allowed_fails_the_run_and_settles(
     assert queue_counts(store) == (0, 0)
 
 
+@pytest.mark.slow
 def test_transient_trouble_leaves_the_message_for_a_retry(
     store: Store, runner: HarnessRunner, room: Room, pipeline: FakePipeline
 ) -> None:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import re
 import secrets
@@ -176,10 +177,18 @@ def _reject_constant(name: str) -> Any:
     raise InvalidRequest(f"the request holds the non-JSON number {name}")
 
 
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        # 1e400 parses as infinity, which no JSON answer could carry back out.
+        raise InvalidRequest("the request holds a number too large for a float")
+    return value
+
+
 def parse_json_object(raw: bytes) -> dict[str, Any]:
-    """A JSON request body that must be one object."""
+    """A JSON request body that must be one object, with finite numbers only."""
     try:
-        value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+        value = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant, parse_float=_finite_float)
     except UnicodeDecodeError:
         raise InvalidRequest("the request body is not UTF-8") from None
     except RecursionError:

@@ -73,8 +73,13 @@ class CgroupLayout:
 
     @property
     def description(self) -> str:
-        controllers = "+".join(sorted(self.parents)) if self.version == 1 else "unified"
-        return f"cgroup v{self.version} ({controllers})"
+        """For operators and docs, e.g. ``cgroup v1 (cpu+memory+pids)``."""
+        if self.version == 1:
+            controllers = set(self.parents)
+        else:
+            enabled = set((self.parents[""] / "cgroup.subtree_control").read_text().split())
+            controllers = enabled & {"cpu", "memory", "pids"}
+        return f"cgroup v{self.version} ({'+'.join(sorted(controllers))})"
 
     def create(self, *, memory_bytes: int, pids: int, cpus: float) -> RunCgroup:
         name = f"hivemind-sandbox-{uuid.uuid4().hex}"

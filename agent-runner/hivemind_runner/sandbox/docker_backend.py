@@ -334,7 +334,7 @@ def _pump(
         for out, err in stream:
             if (out and not capture.add("stdout", out)) or (err and not capture.add("stderr", err)):
                 break
-    except _TRANSPORT_ERRORS:
+    except (*_TRANSPORT_ERRORS, OSError, ValueError):
         pass  # the connection closes when the container is killed or removed
     finally:
         close = getattr(stream, "close", None)

@@ -53,7 +53,7 @@ from pathlib import Path
 
 from hivemind.archive import extract_archive
 from hivemind.canonical import canonical_sha256
-from hivemind.models import StrictModel
+from hivemind.models import Sha256Hex, StrictModel
 from pydantic import Field
 
 from hivemind_runner.sandbox.base import (
@@ -63,6 +63,7 @@ from hivemind_runner.sandbox.base import (
     CONTAINER_TMP,
     Availability,
     DockerfileRefused,
+    ImageDigest,
     Outcome,
     OutputCapture,
     PreparedAgent,
@@ -187,8 +188,8 @@ def _file_sha256(path: Path) -> str:
 class ProcessAgentConfig(StrictModel):
     """What prepare() recorded about an agent: how to start it and what the receipt names."""
 
-    source_digest: str
-    image_digest: str
+    source_digest: Sha256Hex
+    image_digest: ImageDigest
     command: list[str] = Field(min_length=1)
     workdir: str
     env: dict[str, str]
@@ -268,7 +269,7 @@ class ProcessBackend:
 
     @property
     def limits_mode(self) -> str:
-        """``cgroup v1 (...)``, ``cgroup v2 (unified)`` or ``rlimits``: how memory and pids are capped."""
+        """``cgroup v1 (cpu+memory+pids)``, ``cgroup v2 (...)`` or ``rlimits``: how limits are enforced."""
         layout = self._cgroup_layout()
         return layout.description if layout is not None else "rlimits"
 
@@ -326,7 +327,8 @@ class ProcessBackend:
 
     def _namespace_problem(self) -> str | None:
         """Start one empty sandbox: hosts that forbid unprivileged user namespaces fail here."""
-        assert self._bwrap is not None  # _static_problem checked it
+        if self._bwrap is None:
+            return "bubblewrap (bwrap) is not installed"
         options = ["--unshare-all", "--unshare-user", "--disable-userns", "--ro-bind", "/", "/"]
         with _Launch(self._bwrap, options, ["/bin/true"], cgroup=None, rlimits=[]) as launch:
             result = subprocess.run(  # noqa: S603 - argv is built here, no shell
@@ -607,7 +609,8 @@ class ProcessBackend:
                 f"uid {AGENT_UID} cannot reach {spec.bridge_socket}; create its directory with "
                 "create_bridge_socket_dir()"
             )
-        assert self._bwrap is not None  # prepare() checked availability before anything ran
+        if self._bwrap is None:
+            raise SandboxUnavailable("bubblewrap (bwrap) is not installed")
         with contextlib.ExitStack() as cleanup:
             layout = self._cgroup_layout()
             cgroup = None
@@ -866,7 +869,8 @@ def _pump_and_watch(
     stop: threading.Event | None,
 ) -> Outcome | None:
     """Read stdout/stderr (and bubblewrap's info) until the sandbox ends; return why it must be killed."""
-    assert process.stdout is not None and process.stderr is not None
+    if process.stdout is None or process.stderr is None:
+        raise SandboxError("the sandbox was started without output pipes")
     with selectors.DefaultSelector() as selector:
         for name, fd in (
             ("stdout", process.stdout.fileno()),

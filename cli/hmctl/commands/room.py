@@ -539,7 +539,7 @@ def ask(
         # -y never accepts a manifest; only a person at a terminal can, here.
         if not ui.interactive:
             return False
-        show_room(ui, fetched, [])
+        show_room(ui.on_stderr(), fetched, [])
         accepted = ui.confirm(
             f"You have not accepted this room's manifest. Accept room {fetched.manifest.name}?"
         )

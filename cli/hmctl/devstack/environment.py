@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 from hmctl.devstack.state import DevStackError
+from hmctl.errors import ExitCode
 
 # The image every agent Dockerfile starts FROM (the runner refuses any other parent).
 AGENT_BASE_IMAGE = "hivemind/agent-base:local"
@@ -46,6 +47,7 @@ def require_stack_modules() -> None:
             + ", ".join(missing)
             + ". Install them with: pip install 'hmctl[dev,runner]' (or run make setup in a clone)",
             code="dev_components_missing",
+            exit_code=ExitCode.USAGE,
         )
 
 
@@ -100,6 +102,7 @@ def find_repo() -> Path:
             raise DevStackError(
                 f"{REPO_ENV}={explicit} is not a Hivemind source tree (no {BASE_IMAGE_SCRIPT} there)",
                 code="dev_repo_not_found",
+                exit_code=ExitCode.USAGE,
             )
         return path
     here = Path(__file__).resolve()
@@ -110,6 +113,7 @@ def find_repo() -> Path:
         "this needs the Hivemind source tree (agents/base, agents/sdk, agents/examples), which an "
         f"installed hmctl does not carry: run it from a clone, or set {REPO_ENV}=/path/to/clone",
         code="dev_repo_not_found",
+        exit_code=ExitCode.USAGE,
     )
 
 

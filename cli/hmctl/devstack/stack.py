@@ -51,6 +51,7 @@ from hmctl.devstack.state import (
     load_record,
     save_record,
 )
+from hmctl.errors import ExitCode
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_API_PORT = 8700
@@ -133,6 +134,7 @@ class DevStack:
             raise DevStackError(
                 "the local stack is not running; start it with: hmctl dev up --background",
                 code="dev_stack_not_running",
+                exit_code=ExitCode.UNAVAILABLE,
             )
         dead = self.dead_processes(record)
         if record.status is None or dead or len(record.processes) < len(START_ORDER):
@@ -141,6 +143,7 @@ class DevStack:
                 f"the local stack is not healthy ({what}); logs are in {self.logs}. "
                 "Restart it with: hmctl dev down && hmctl dev up --background",
                 code="dev_stack_unhealthy",
+                exit_code=ExitCode.UNAVAILABLE,
             )
         return record.status
 
@@ -181,6 +184,7 @@ class DevStack:
                 "--runner-backend docker: no Docker engine answers (start one with "
                 "agent-runner/deploy/dockerd.sh, or use --runner-backend process)",
                 code="docker_unavailable",
+                exit_code=ExitCode.USAGE,
             )
         if not answers:
             say("no Docker engine answers: the runner uses the process backend")

@@ -21,8 +21,8 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from hivemind.errors import HivemindError
 from hmctl.devstack.processes import ProcessRecord
+from hmctl.errors import CliError, ExitCode
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 STATE_DIR_ENV = "HMCTL_STATE_DIR"
@@ -30,11 +30,11 @@ STACK_FILE = "stack.json"
 RECORD_VERSION = 1
 
 
-class DevStackError(HivemindError):
-    """The local stack cannot do what was asked; the message says what to do."""
+class DevStackError(CliError):
+    """The local stack cannot do what was asked; the message (or hint) says what to do."""
 
     code = "dev_stack_error"
-    status = 500
+    exit_code = ExitCode.ERROR
 
 
 def state_dir() -> Path:

@@ -33,7 +33,6 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
-REQUEST_ID_HEADER = "x-request-id"
 _MAX_JSON_DEPTH = 64
 
 
@@ -45,20 +44,9 @@ class ErrorBody(BaseModel):
     details: dict[str, Any] | None = Field(default=None, description="structured context, when useful")
 
 
-def error_response(error: HivemindError, request_id: str | None = None) -> JSONResponse:
-    headers = {REQUEST_ID_HEADER: request_id} if request_id else None
-    return JSONResponse(status_code=error.status, content=error.to_dict(), headers=headers)
-
-
-def request_id_of(request: Request) -> str:
-    """The Lambda request id when served by Mangum, else one made for this request."""
-    existing = request.scope.get("hivemind.request_id")
-    if isinstance(existing, str):
-        return existing
-    context = request.scope.get("aws.context")
-    request_id = getattr(context, "aws_request_id", None) or uuid.uuid4().hex
-    request.scope["hivemind.request_id"] = request_id
-    return str(request_id)
+def error_response(error: HivemindError) -> JSONResponse:
+    """The JSON answer for ``error`` (the request gate adds the request id header)."""
+    return JSONResponse(status_code=error.status, content=error.to_dict())
 
 
 def _describe_validation(exc: RequestValidationError) -> InvalidInput:
@@ -81,11 +69,11 @@ def _describe_validation(exc: RequestValidationError) -> InvalidInput:
 def install_error_handlers(app: FastAPI) -> None:
     async def on_hivemind_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, HivemindError)
-        return error_response(exc, request_id_of(request))
+        return error_response(exc)
 
     async def on_validation_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)
-        return error_response(_describe_validation(exc), request_id_of(request))
+        return error_response(_describe_validation(exc))
 
     async def on_http_error(request: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, StarletteHTTPException)
@@ -97,9 +85,7 @@ def install_error_handlers(app: FastAPI) -> None:
             )
         else:
             error = HivemindError(str(exc.detail), code="http_error")
-        response = JSONResponse(status_code=exc.status_code, content=error.to_dict())
-        response.headers[REQUEST_ID_HEADER] = request_id_of(request)
-        return response
+        return JSONResponse(status_code=exc.status_code, content=error.to_dict())
 
     app.add_exception_handler(HivemindError, on_hivemind_error)
     app.add_exception_handler(RequestValidationError, on_validation_error)
@@ -157,8 +143,6 @@ def check_json_body(body: bytes) -> None:
     except RecursionError:
         raise InvalidInput("JSON nests too deeply", code="invalid_json") from None
     except ValueError as exc:
-        if isinstance(exc, HivemindError):
-            raise
         raise InvalidInput(
             f"the body is not valid JSON: {exc.args[0] if exc.args else exc}", code="invalid_json"
         ) from None
@@ -212,6 +196,13 @@ class RequestGate:
 
         try:
             services = self._services()
+        except Exception:
+            # Bad settings or storage coordinates: an operator problem, not the caller's (no details).
+            logging.getLogger("hivemind_functions.api").exception("the API services cannot be built")
+            error = HivemindError(f"the service is misconfigured; quote request id {request_id}")
+            await error_response(error)(scope, receive, send_with_headers)
+            return
+        try:
             services.logger.clear_state()
             services.logger.append_keys(request_id=request_id)
             body = await self._read_body(scope, receive, services.settings.max_body_bytes)
@@ -228,11 +219,10 @@ class RequestGate:
 
             await self.app(scope, replay, send_with_headers)
         except HivemindError as exc:
-            if started:
-                raise
-            await error_response(exc)(scope, receive, send_with_headers)
+            if not started:
+                await error_response(exc)(scope, receive, send_with_headers)
         except Exception:
-            logging.getLogger("hivemind_functions.api").exception("unhandled error (request %s)", request_id)
+            services.logger.exception("unhandled error (request %s)", request_id)
             if not started:
                 error = HivemindError(f"internal error; quote request id {request_id} when reporting it")
                 await error_response(error)(scope, receive, send_with_headers)

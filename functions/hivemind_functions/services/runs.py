@@ -49,7 +49,6 @@ from hivemind.models import (
     StrictModel,
     UnixSeconds,
 )
-from hivemind.receipt import SignedReceipt
 from hivemind.store import Page, Store
 from hivemind.store.base import raise_store_error
 from hivemind.store.billing import HoldState
@@ -140,6 +139,13 @@ class ArtifactLink(StrictModel):
     expires_at: UnixSeconds
 
 
+class OutputRecipientRole(StrEnum):
+    """Whose sealed copy of the output key a caller gets: its own run's, or the room owner's."""
+
+    QUERIER = "querier"
+    OWNER = "owner"
+
+
 class RunOutput(StrictModel):
     """Everything a caller needs to decrypt and verify a finished run's output client-side."""
 
@@ -153,14 +159,6 @@ class RunOutput(StrictModel):
     sealed_output_key: SealedEnvelope | None
     artifacts: list[ArtifactLink]
     expires_at: UnixSeconds
-
-
-class OutputRecipientRole(StrEnum):
-    QUERIER = "querier"
-    OWNER = "owner"
-
-
-RunOutput.model_rebuild()
 
 
 # --- run ids and idempotency ------------------------------------------------------------------------
@@ -349,14 +347,16 @@ class RunSubmitter:
         amount: int = admitted.hold  # type: ignore[assignment]
         manifest_hash = admitted.room.manifest_hash  # type: ignore[union-attr]
 
-        resumed = store.billing.get_hold(run_id) is not None
+        is_invite = credential.kind is CredentialKind.INVITE
+        # An invite's use is spent once per run: not again when resuming an interrupted submission.
+        resumed = is_invite and store.billing.get_hold(run_id) is not None
         hold = store.billing.hold(payer_id, run_id, amount, enforce=self._settings.billing_enforce_credits)
         if hold.state is HoldState.SETTLED:
             raise Conflict(
                 "this idempotency key belongs to a request that was refused after its hold; use a new key",
                 code="idempotency_key_spent",
             )
-        if credential.kind is CredentialKind.INVITE and not resumed:
+        if is_invite and not resumed:
             try:
                 store.credentials.consume_use(credential.auth_hash)
             except HivemindError:
@@ -591,6 +591,10 @@ def run_output(store: Store, run: RunRecord, access: RunAccess, *, expires_in: i
         )
     receipt: dict[str, Any] | None = None
     if run.receipt_key is not None:
+        # Imported here: only output fetches need it, and the API handler's cold import stays small.
+        from hivemind.receipt import SignedReceipt  # noqa: PLC0415
+
+        # Parsed so a corrupted object is refused here; the client still verifies the signature.
         receipt = SignedReceipt.from_json(store.blobs.get_bytes(run.receipt_key)).model_dump(mode="json")
     sealed_key = run.sealed_output_keys.get(access.recipient.value)
     output_url: str | None = None

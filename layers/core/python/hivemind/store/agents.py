@@ -12,6 +12,7 @@ from enum import StrEnum
 
 from pydantic import Field
 
+from hivemind.envelope import SealedEnvelope
 from hivemind.errors import Conflict, IntegrityError, InvalidInput, NotFound
 from hivemind.models import Sha256Hex, UnixSeconds, Visibility
 from hivemind.store.base import Clock, ConditionFailed, Page, Record, Table
@@ -40,6 +41,8 @@ class AgentRecord(Record):
     # The stored (possibly sealed) source object, pinned at commit.
     source_object: StoredObject | None = None
     file_digests: dict[str, Sha256Hex] = Field(default_factory=dict)
+    # Sealed agents only: the agent key, HPKE-sealed to the runner; the control plane cannot open it.
+    sealed_key: SealedEnvelope | None = None
     image_digest: str | None = Field(default=None, pattern=_IMAGE_DIGEST.pattern)
     state: AgentState = AgentState.PENDING
     created_at: UnixSeconds
