@@ -3,9 +3,10 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 export JSII_SILENCE_WARNING_DEPRECATED_NODE_VERSION := 1
+export JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION := 20
 PYTEST_ARGS ?=
 
-.PHONY: setup system docker test lint demo bench eval clean
+.PHONY: setup system docker test lint demo bench eval layers synth clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -24,6 +25,7 @@ docker: setup
 
 lint: setup
 	$(VENV)/bin/ruff check .
+	$(PY) agent-runner/deploy/app_compose.py check
 
 ## test: lint, then the whole suite (unit, integration on a moto server, docker, security, cdk)
 test: setup docker lint
@@ -37,6 +39,15 @@ demo: setup docker
 ## bench: benchmarks in tests/bench (measurements, not tests); results go to docs/performance.md
 bench: setup
 	@for f in tests/bench/bench_*.py; do echo "== $$f"; $(PY) $$f || exit 1; done
+
+## layers: the Lambda dependency layer (manylinux2014_x86_64 wheels, CPython 3.12) in build/layers/deps
+layers: build/layers/deps/requirements.lock
+build/layers/deps/requirements.lock: pyproject.toml infra-cdk/scripts/build_layers.py $(VENV)/.installed
+	$(PY) infra-cdk/scripts/build_layers.py
+
+## synth: CloudFormation templates of every environment into infra-cdk/cdk.out (offline; fails on cdk-nag findings)
+synth: layers
+	$(PY) infra-cdk/app.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

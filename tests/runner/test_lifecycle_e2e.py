@@ -51,7 +51,7 @@ def test_people_room_end_to_end_with_the_default_agents(
     store: Store, tmp_path: Path, docker_backend: DockerBackend
 ) -> None:
     gateway = LlmGateway(LlmConfig(providers={}))
-    pipeline = Pipeline(docker_backend, docker_backend, gateway)
+    pipeline = Pipeline(docker_backend, AgentImageCache(docker_backend), gateway)
     runner = make_runner(store, tmp_path / "runner", pipeline)
     owner = Tenant.create(store, "owner")
     agents = {
