@@ -23,6 +23,7 @@ limits each container, LLM calls and tokens are one meter for the run (simulatio
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
-from hivemind.archive import pack_directory, read_archive_file, validate_archive
+from hivemind.archive import pack_directory, validate_archive
 from hivemind.errors import HivemindError, InvalidPolicy
 from hivemind.manifest import RoomManifest
 from hivemind.models import Budgets, Stage, StageUsage, StrictModel, Visibility
@@ -478,13 +479,13 @@ class _Run:
     @contextmanager
     def _bridge(self, session: StageSession) -> Iterator[Path]:
         socket_dir = create_bridge_socket_dir(self.pipeline.socket_root())
-        socket_path = socket_dir / "bridge.sock"
-        server = BridgeServer(session, socket_path)
+        server: BridgeServer | None = None
         try:
-            server.start()
-            yield socket_path
+            server = BridgeServer(session, socket_dir / "bridge.sock").start()
+            yield server.socket_path
         finally:
-            server.close()
+            if server is not None:
+                server.close()
             shutil.rmtree(socket_dir, ignore_errors=True)
 
     def _sandbox(
@@ -569,6 +570,8 @@ class _Run:
             logger.warning("diagnostics of run %s not written: %s", self.inputs.run_id, type(exc).__name__)
 
     def _account(self, stage: Stage, runs: list[_StageRun]) -> None:
+        """The stage's usage: its wall-clock time (``runs[0]``; simulations ran inside it), and the
+        tool and LLM calls of all ``runs``."""
         tool_calls: dict[str, int] = {}
         for run in runs:
             for tool, count in run.session.tool_counts.items():
@@ -576,7 +579,7 @@ class _Run:
         llm = self.meter.stage_usage(stage)
         self.usage[stage] = StageUsage(
             stage=stage,
-            duration_ms=sum(run.result.duration_ms for run in runs),
+            duration_ms=runs[0].result.duration_ms,
             tool_calls=tool_calls,
             llm_calls=llm.calls,
             prompt_tokens=llm.prompt_tokens,
@@ -624,9 +627,9 @@ class _Run:
         }
 
     def _inspectable_files(self, agent: StageAgent) -> dict[str, str]:
-        """The query agent's text files, read from the packed source whose digest was just checked."""
-        packed = pack_directory(agent.source_dir)
-        manifest = validate_archive(packed)
+        """The query agent's text files, each checked against the file list whose digest is the pinned
+        source digest, so the scope stage reads exactly the source that runs."""
+        manifest = validate_archive(pack_directory(agent.source_dir))
         if manifest.digest != agent.source_digest:
             raise RunFailed("source_digest_mismatch")
         files: dict[str, str] = {}
@@ -634,8 +637,11 @@ class _Run:
         for entry in manifest.files:
             if entry.size > budget:
                 continue
+            content = (agent.source_dir / entry.path).read_bytes()
+            if hashlib.sha256(content).hexdigest() != entry.sha256:
+                raise RunFailed("source_digest_mismatch")
             try:
-                files[entry.path] = read_archive_file(packed, entry.path).decode("utf-8")
+                files[entry.path] = content.decode("utf-8")
             except UnicodeDecodeError:
                 continue  # binary files are not shown; their digests are part of the source digest
             budget -= entry.size

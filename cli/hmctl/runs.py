@@ -44,7 +44,8 @@ from hmctl.errors import UsageError
 from hmctl.profiles import RunTicket, RunTickets
 from hmctl.rooms import CheckedRoom, bearer_of
 
-MAX_OUTPUT_BYTES = 1024 * 1024 * 1024
+# An output is an answer, held in memory to print it; bulk results travel as artifacts (streamed to files).
+MAX_OUTPUT_BYTES = 64 * 1024 * 1024
 _SPOOL_BYTES = 16 * 1024 * 1024
 
 

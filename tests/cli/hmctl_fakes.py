@@ -44,7 +44,14 @@ from hivemind.manifest import (
     verify_manifest,
 )
 from hivemind.models import ObjectKind, OutputVisibility, RunStatus, Stage, StageUsage, TeeKind
-from hivemind.receipt import OutputDigests, Receipt, ReceiptAgent, UsageTotals, sign_receipt
+from hivemind.receipt import (
+    ArtifactDigests,
+    OutputDigests,
+    Receipt,
+    ReceiptAgent,
+    UsageTotals,
+    sign_receipt,
+)
 from hivemind.seal import SealContext, open_bytes, seal_bytes
 
 SERVICE = "http://127.0.0.1:8765"
@@ -104,6 +111,8 @@ class Run:
     sealed_keys: dict[str, dict[str, Any]] = field(default_factory=dict)
     output_blob: str | None = None
     usage: list[dict[str, Any]] = field(default_factory=list)
+    query_agent_id: str | None = None
+    artifact_names: list[str] = field(default_factory=list)
     created_at: int = 0
 
 
@@ -143,6 +152,8 @@ class FakeService:
         self.tamper_manifest: Callable[[dict[str, Any]], dict[str, Any]] | None = None
         self.receipt_signer: Ed25519PrivateKey | None = None
         self.corrupt_output = False
+        self.artifacts: dict[str, bytes] = {}
+        self.corrupt_artifact = False
         self.runner_documents: list[dict[str, Any]] | None = None
         self._counter = 0
 
@@ -204,6 +215,7 @@ class FakeService:
             ("POST", room + "/data", self.declare_item),
             ("POST", room + r"/data/([a-z0-9_]+)/commit", self.commit_item),
             ("POST", room + "/trust", self.trust),
+            ("POST", room + "/query-agents", self.declare_query_agent),
             ("POST", room + "/runs", self.submit),
             ("GET", r"/v1/runs", self.list_runs),
             ("GET", r"/v1/runs/([a-z0-9_]+)", self.get_run),
@@ -341,6 +353,21 @@ class FakeService:
     def declare_agent(self, request: httpx.Request, body: dict[str, Any]) -> dict[str, Any]:
         caller = self.caller(request)
         agent = {**body, "tenant_id": caller.tenant_id, "room_id": None, "state": "pending"}
+        self.agents[body["agent_id"]] = agent
+        return {
+            "agent": agent,
+            "upload": self.upload_target(f"agents/{body['agent_id']}", body["size"], body["sha256"]),
+        }
+
+    def declare_query_agent(
+        self, request: httpx.Request, body: dict[str, Any], room_id: str
+    ) -> dict[str, Any]:
+        caller = self.caller(request)
+        room = self._room(caller, room_id)
+        query = room.signed["manifest"]["query"]
+        if query["mode"] != "uploadable" or body["visibility"] != query["visibility"]:
+            raise Refusal(409, "query_not_uploadable", "this room takes no such query agent")
+        agent = {**body, "tenant_id": room.tenant_id, "room_id": room_id, "state": "pending"}
         self.agents[body["agent_id"]] = agent
         return {
             "agent": agent,
@@ -576,6 +603,7 @@ class FakeService:
         )
         assert envelope.manifest_hash == room.signed["manifest_hash"]
         assert envelope.bearer_id == run.caller_id
+        run.query_agent_id = envelope.query_agent_id
         dek = unwrap_dek(
             envelope.wrap_key_bytes(),
             room.wraps[envelope.bearer_id],
@@ -641,6 +669,7 @@ class FakeService:
                 blob = seal_bytes(b"something else entirely", key=output_key, context=context)
             run.output_blob = f"runs/{run.run_id}/output"
             self.blobs[run.output_blob] = blob
+            artifact_digests = self._seal_artifacts(run, manifest.tenant_id, output_key)
             run.sealed_keys["querier"] = seal_output_key(
                 output_key,
                 envelope.reply_public_bytes(),
@@ -665,7 +694,7 @@ class FakeService:
                 scope_policy_hash="5c" * 32,
                 prompt_sha256=envelope.prompt_sha256(),
                 output=digests,
-                artifacts=[],
+                artifacts=artifact_digests,
                 error_code=None,
                 usage=usage,
                 totals=UsageTotals.of(usage),
@@ -680,6 +709,24 @@ class FakeService:
         run.receipt = sign_receipt(receipt, signer).model_dump(mode="json")
         run.usage = [entry.model_dump(mode="json") for entry in usage]
         run.stage = None
+
+    def _seal_artifacts(self, run: Run, owner_tenant_id: str, output_key: bytes) -> list[ArtifactDigests]:
+        digests = []
+        for name, data in sorted(self.artifacts.items()):
+            context = SealContext(
+                tenant_id=owner_tenant_id, room_id=run.room_id, kind=ObjectKind.ARTIFACT, object_id=name
+            )
+            sealed = seal_bytes(data, key=output_key, context=context)
+            digests.append(
+                ArtifactDigests(
+                    name=name, ciphertext_sha256=sha256_hex(sealed), plaintext_sha256=sha256_hex(data)
+                )
+            )
+            if self.corrupt_artifact:
+                sealed = seal_bytes(data + b"!", key=output_key, context=context)
+            self.blobs[f"runs/{run.run_id}/artifacts/{name}"] = sealed
+            run.artifact_names.append(name)
+        return digests
 
     def _visible_run(self, request: httpx.Request, run_id: str) -> tuple[Run, Credential, str | None]:
         caller = self.caller(request)
@@ -751,7 +798,10 @@ class FakeService:
             "receipt": run.receipt,
             "output_url": f"{BUCKET}/{run.output_blob}" if completed else None,
             "sealed_output_key": run.sealed_keys.get(role) if completed else None,
-            "artifacts": [],
+            "artifacts": [
+                {"name": name, "url": f"{BUCKET}/runs/{run_id}/artifacts/{name}", "expires_at": 0}
+                for name in run.artifact_names
+            ],
             "expires_at": 0,
         }
 

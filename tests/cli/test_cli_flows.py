@@ -10,7 +10,7 @@ from hivemind.envelope import SealedEnvelope, open_sealed
 from hivemind.errors import EnvelopeError
 from hmctl.provider_keys import provider_key_info
 from hmctl_fakes import FakeService
-from hmctl_harness import Cli, make_room
+from hmctl_harness import Cli, make_room, write_agent
 
 
 def test_owner_to_participant_story(
@@ -241,3 +241,55 @@ def test_room_inspect_shows_the_signed_terms(cli: Cli, shared_room: dict) -> Non
     assert shown["runners"][0]["verified"] is True
     text = cli.run("--profile", "bob", "room", "inspect", shared_room["link"])
     assert "Only aggregate answers" in text.stdout and "not accepted yet" in text.stderr
+
+
+def test_uploadable_room_takes_the_participants_own_query_agent(
+    cli: Cli, fake: FakeService, agent_dir: Path, rules_file: Path, tmp_path: Path
+) -> None:
+    cli.signup("owner")
+    room = cli.ok(
+        "--profile",
+        "owner",
+        "room",
+        "create",
+        str(agent_dir),
+        "--name",
+        "Open",
+        "--rules-file",
+        str(rules_file),
+        "--uploadable-query",
+        "--json",
+    )
+    cli.signup("bob")
+    cli.ok("--profile", "bob", "room", "accept", room["link"], input="y\n")
+    mine = write_agent(tmp_path / "bobs-agent", {"Dockerfile": "FROM x\n", "main.py": "print('bob')\n"})
+    answer = cli.ok(
+        "--profile", "bob", "room", "ask", room["link"], "q", "--query-agent", str(mine), "--json"
+    )
+    assert answer["verified"] is True
+    run = fake.runs[answer["run_id"]]
+    assert run.query_agent_id is not None and fake.agents[run.query_agent_id]["room_id"] == room["room_id"]
+    fixed = make_room(cli, agent_dir, rules_file)
+    cli.ok("--profile", "bob", "room", "accept", fixed["link"], input="y\n")
+    refused = cli.run("--profile", "bob", "room", "ask", fixed["link"], "q", "--query-agent", str(mine))
+    assert refused.exit_code == 2 and "fixed query agent" in refused.stderr
+
+
+def test_artifacts_are_decrypted_and_verified_into_a_directory(
+    cli: Cli, fake: FakeService, shared_room: dict, tmp_path: Path
+) -> None:
+    cli.ok("--profile", "bob", "room", "accept", shared_room["link"], input="y\n")
+    fake.artifacts = {"chart.svg": b"<svg/>", "table.csv": b"a,b\n1,2\n"}
+    run_id = cli.ok("--profile", "bob", "room", "ask", shared_room["link"], "q", "--json")["run_id"]
+    out = tmp_path / "artifacts"
+    saved = cli.ok("--profile", "bob", "run", "artifacts", run_id, "--out", str(out), "--json")["artifacts"]
+    assert sorted(entry["name"] for entry in saved) == ["chart.svg", "table.csv"]
+    assert (out / "table.csv").read_bytes() == b"a,b\n1,2\n"
+
+    fake.corrupt_artifact = True
+    run_id = cli.ok("--profile", "bob", "room", "ask", shared_room["link"], "q2", "--json")["run_id"]
+    elsewhere = tmp_path / "tampered"
+    refused = cli.run("--profile", "bob", "run", "artifacts", run_id, "--out", str(elsewhere))
+    assert refused.exit_code == 5, repr(refused)
+    assert "artifacts[chart.svg].ciphertext_sha256" in refused.stderr
+    assert list(elsewhere.iterdir()) == []  # nothing unverified is left behind

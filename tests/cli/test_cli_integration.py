@@ -11,6 +11,7 @@ import json
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,8 +19,9 @@ from typing import Any
 import pytest
 import uvicorn
 from hivemind.keys import auth_hash
-from hivemind.store import Store
+from hivemind.store import AwsClients, Store, StoreConfig
 from hivemind.store.agents import AgentRecord
+from hivemind.store.bootstrap import create_all
 from hivemind.store.credentials import CredentialKind, CredentialRecord
 from hivemind.store.runners import RunnerRecord
 from hivemind.store.runs import RunResult
@@ -251,3 +253,25 @@ def test_ask_end_to_end_with_the_real_runner_lifecycle(
     assert json.loads(answer["output"])["prompt"] == "total by region?"
     refused = real.run("--profile", "owner", "run", "output", answer["run_id"])
     assert refused.exit_code == 4 and "output_not_visible" in refused.stderr
+
+
+def test_admin_export_and_import_into_another_deployment(
+    real: Cli,
+    owner_room: dict[str, Any],
+    store: Store,
+    store_env: dict[str, str],
+    moto_server: str,
+    tmp_path: Path,
+) -> None:
+    archive = tmp_path / "deployment.tar"
+    exported = real.ok("admin", "export", str(archive), "--json")
+    assert (
+        exported["source"]["prefix"] == store.config.prefix and exported["objects"] == 2
+    )  # one agent (scope and query) and one item
+    target = StoreConfig(prefix=f"t{uuid.uuid4().hex[:12]}", region="us-east-1", endpoint_url=moto_server)
+    create_all(AwsClients(target))
+    imported = real.ok("admin", "import", str(archive), "--prefix", target.prefix, "--json")
+    assert imported["conflicts"] == [] and imported["verified"]["rooms"] == 1
+    assert imported["verified"]["items"] == 1
+    again = real.ok("admin", "import", str(archive), "--prefix", target.prefix, "--json")
+    assert again["objects_written"] == 0 and again["conflicts"] == []

@@ -166,9 +166,17 @@ def test_an_untrusted_runner_build_is_refused(
     link = accepted_room(cli, agent_dir, rules_file)
     other = fake.document.model_copy(update={"compose_hash": "ee" * 32})
     fake.runner_documents = [{"runner_id": other.runner_id, "document": other.model_dump(mode="json")}]
-    refused = cli.run("--profile", "bob", "room", "ask", link, "q")
+    refused = cli.run("--profile", "bob", "room", "ask", link, "q", "--json")
     assert refused.exit_code == 5, repr(refused)
     assert "compose_hash_not_trusted" in refused.stderr
+    body = refused.json()
+    assert (body["run_id"], body["verified"], body["error"], body["exit_code"]) == (
+        None,
+        False,
+        "compose_hash_not_trusted",
+        5,
+    )
+    assert fake.runs == {}  # nothing was sealed or sent
 
 
 def test_a_rolled_back_manifest_is_refused(

@@ -109,6 +109,7 @@ def test_process_plan_reads_the_subset() -> None:
             "WORKDIR lib\n"
             "COPY data.txt ./\n"
             "COPY --chown=10001 a.py b.py /agent/bin/\n"
+            "COPY lib/*.p? /agent/\n"
             'ENV GREETING="hello world" MODE=test\n'
             "ENV LEGACY a value with spaces\n"
             'ENTRYPOINT ["python3"]\n'
@@ -120,6 +121,7 @@ def test_process_plan_reads_the_subset() -> None:
         ("data.txt", "/agent/lib", True),
         ("a.py", "/agent/bin", True),
         ("b.py", "/agent/bin", True),
+        ("lib/*.p?", "/agent", True),
     ]
     assert plan.workdir == "/agent/lib"
     assert plan.env == {
@@ -154,7 +156,8 @@ def test_process_plan_command_rules_follow_docker() -> None:
         ("RUN pip install requests\n", "the process backend cannot RUN; use the Docker backend"),
         ("COPY main.py /opt/main.py\n", "can only place files under /agent"),
         ("WORKDIR /srv\n", "can only place files under /agent"),
-        ("COPY *.py /agent/\n", "wildcards are not supported"),
+        ("COPY [ab].py /agent/\n", "only the * and ? wildcards are supported"),
+        ("COPY **/x.py /agent/\n", "only the * and ? wildcards are supported"),
         ("ADD deps.tar.gz /agent/\n", "ADD extracts archives"),
         ("ADD https://example.com/x /agent/\n", "ADD of a URL"),
         ("COPY --chmod=755 x /agent/\n", "flag --chmod is not supported"),

@@ -114,7 +114,7 @@ def test_docker_build_runs_without_network(docker_sandbox: DockerBackend, tmp_pa
 PARITY_DOCKERFILE = f"""\
 FROM {AGENT_BASE_IMAGE}
 LABEL purpose=parity
-COPY main.py /agent/
+COPY *.py /agent/
 COPY lib /agent/lib/
 WORKDIR /agent/lib
 ENV GREETING="hello world"
@@ -133,7 +133,9 @@ def test_the_same_agent_behaves_the_same_on_both_backends(
     sandbox_backend: SandboxBackend, tmp_path: Path, bridge_factory: BridgeFactory
 ) -> None:
     agent, digest = write_agent(
-        tmp_path / "agent", PARITY_DOCKERFILE, {"main.py": PARITY_MAIN, "lib/data.txt": "from lib\n"}
+        tmp_path / "agent",
+        PARITY_DOCKERFILE,
+        {"main.py": PARITY_MAIN, "helper.py": "", "lib/data.txt": "from lib\n"},
     )
     prepared = sandbox_backend.prepare(agent, digest)
     bridge = bridge_factory()
@@ -149,7 +151,7 @@ def test_the_same_agent_behaves_the_same_on_both_backends(
     assert result.outcome is Outcome.OK, result.stderr
     assert result.stdout.decode().splitlines() == [
         "['--flag'] /agent/lib hello world 10001 from lib",
-        "['lib', 'main.py'] 1 /tmp",
+        "['helper.py', 'lib', 'main.py'] 1 /tmp",
     ]
 
 

@@ -13,7 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
+from hivemind.tokens import Secret, TokenKind
 from hmctl.devstack import processes
+from hmctl.devstack.demo import DemoReport, clear_stale_demo_profiles
+from hmctl.devstack.environment import find_repo
 from hmctl.devstack.processes import ProcessRecord
 from hmctl.devstack.stack import DevStack
 from hmctl.devstack.state import (
@@ -25,6 +28,7 @@ from hmctl.devstack.state import (
     save_record,
     state_dir,
 )
+from hmctl.profiles import Profile, ProfileStore
 
 SLEEPER = [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(60)"]
 # Ignores SIGTERM: only SIGKILL ends it.
@@ -237,3 +241,67 @@ def test_down_stops_only_recorded_processes_and_is_idempotent(tmp_path: Path, sp
     assert processes.is_running(bystander)
     assert load_record(tmp_path) is None
     assert stack.down() == []
+
+
+# --- the source tree, the demo's profiles and its receipt summary ------------------------------------
+
+
+def test_repo_lookup_honours_hmctl_repo(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HMCTL_REPO", str(tmp_path))
+    with pytest.raises(DevStackError) as raised:
+        find_repo()
+    assert raised.value.code == "dev_repo_not_found"
+    assert "build-base-image.sh" in raised.value.message
+    monkeypatch.delenv("HMCTL_REPO")
+    repo = find_repo()
+    assert (repo / "agents" / "base" / "build-base-image.sh").is_file()
+
+
+def test_demo_replaces_only_its_own_local_profiles(tmp_path: Path) -> None:
+    store = ProfileStore(tmp_path / "config", tmp_path / "cache")
+    local = Profile(
+        name="demo-owner", service="http://127.0.0.1:8700", key=Secret.generate(TokenKind.TENANT).token()
+    )
+    store.save(local)
+    assert clear_stale_demo_profiles(store, ["demo-owner", "demo-participant"]) == ["demo-owner"]
+    assert not store.exists("demo-owner")
+
+    remote = Profile(
+        name="demo-owner", service="https://api.example.com", key=Secret.generate(TokenKind.TENANT).token()
+    )
+    store.save(remote)
+    with pytest.raises(DevStackError) as raised:
+        clear_stale_demo_profiles(store, ["demo-owner"])
+    assert raised.value.code == "demo_profile_taken"
+    assert store.exists("demo-owner")
+
+
+def test_receipt_summary_says_verified_only_for_an_attested_verified_run() -> None:
+    receipt = {
+        "run_id": "run_a",
+        "room_id": "room_a",
+        "status": "completed",
+        "manifest_hash": "1" * 64,
+        "compose_hash": "2" * 64,
+        "agents": [
+            {"stage": "scope", "agent_id": "agent_s", "source_digest": "3" * 64, "image_digest": None}
+        ],
+        "scope_policy_hash": "4" * 64,
+        "output": {"plaintext_sha256": "5" * 64, "ciphertext_sha256": "6" * 64},
+        "signer_pub": "key",
+    }
+    run = {
+        "run_id": "run_a",
+        "verified": True,
+        "attestation_skipped": False,
+        "output": "42",
+        "receipt": receipt,
+    }
+    summary = DemoReport(room_id="room_a", link="hmroom://x", run=run).receipt_summary()
+    assert summary["verified"] is True
+    assert summary["output_sha256"] == "5" * 64
+    assert summary["agents"][0]["source_digest"] == "3" * 64
+    skipped = DemoReport(room_id="room_a", link="x", run={**run, "attestation_skipped": True})
+    assert skipped.receipt_summary()["verified"] is False
+    unverified = DemoReport(room_id="room_a", link="x", run={**run, "verified": False})
+    assert unverified.receipt_summary()["verified"] is False

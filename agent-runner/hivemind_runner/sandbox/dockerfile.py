@@ -215,8 +215,9 @@ _ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tbz2", ".tar.xz", 
 
 @dataclass(frozen=True)
 class CopyStep:
-    """Copy ``source`` (a file or directory of the agent, ``""`` for all of it) to ``destination``
-    (an absolute path under /agent). ``into`` means the destination is a directory to copy into."""
+    """Copy ``source`` (a file or directory of the agent, ``""`` for all of it, or a pattern with ``*``
+    and ``?`` matched per path component as Docker does) to ``destination`` (an absolute path under
+    /agent). ``into`` means the destination is a directory to copy into."""
 
     source: str
     destination: str
@@ -281,8 +282,9 @@ def _plan_copy(instruction: Instruction, plan: ProcessPlan) -> None:
     for source in sources:
         if _is_url(source):
             raise instruction.refuse("ADD of a URL would download from the network; vendor the file")
-        if any(char in source for char in "*?["):
-            raise instruction.refuse("wildcards are not supported by the process backend; name the files")
+        if "[" in source or "**" in source:
+            # `*` and `?` match alike in Go's filepath.Match and pathlib; classes and `**` do not.
+            raise instruction.refuse("only the * and ? wildcards are supported by the process backend")
         normalized = posixpath.normpath("/" + source).lstrip("/")
         if instruction.keyword == "ADD" and normalized.endswith(_ARCHIVE_SUFFIXES):
             raise instruction.refuse(

@@ -906,20 +906,28 @@ def _count_processes(uid: int) -> int:
 
 def _apply_copy(source_root: Path, agent_root: Path, source: str, destination: str, *, into: bool) -> None:
     """Docker's COPY rules, within /agent: a directory's contents are merged, a file is placed."""
-    origin = source_root / source if source else source_root
-    if not origin.exists():
-        raise DockerfileRefused(f"COPY source {source!r} is not in the agent")
+    if any(char in source for char in "*?"):
+        origins = sorted(source_root.glob(source))
+        if not origins:
+            raise DockerfileRefused(f"COPY {source}: no file of the agent matches")
+        if len(origins) > 1 and not into:
+            raise DockerfileRefused(f"COPY {source}: several files match, so the destination must end with /")
+    else:
+        origins = [source_root / source if source else source_root]
+        if not origins[0].exists():
+            raise DockerfileRefused(f"COPY source {source!r} is not in the agent")
     relative = destination[len(AGENT_DIR) :].lstrip("/")
-    target = agent_root / relative if relative else agent_root
-    if origin.is_dir():
-        target.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(origin, target, dirs_exist_ok=True)
-        return
-    if into or target.is_dir():
-        target.mkdir(parents=True, exist_ok=True)
-        target = target / origin.name
-    target.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copy2(origin, target)
+    for origin in origins:
+        target = agent_root / relative if relative else agent_root
+        if origin.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            shutil.copytree(origin, target, dirs_exist_ok=True)
+            continue
+        if into or target.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            target = target / origin.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(origin, target)
 
 
 def _adjust_rootfs(root: Path) -> None:

@@ -1,14 +1,16 @@
-"""``hmctl admin``: operator commands (admin ``hma_`` profiles): credit codes, billing, tenants."""
+"""``hmctl admin``: operator commands: credit codes, billing, tenants (an admin ``hma_`` profile), and
+export/import of a whole deployment (its storage, with the environment's AWS credentials)."""
 
 from __future__ import annotations
 
 import datetime
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 from hivemind.keys import auth_hash
 from hivemind.tokens import Secret, TokenKind
+from pydantic import ValidationError
 
 from hmctl.client import ApiClient
 from hmctl.commands.common import JsonFlag, YesFlag, parse_usd, short, usd, when
@@ -17,6 +19,9 @@ from hmctl.errors import ApiError, CliError, ExitCode, UsageError
 from hmctl.profiles import write_private_text
 from hmctl.rooms import owner_box_pub, owner_sign_pub, parse_duration
 from hmctl.session import AppState, app_state
+
+if TYPE_CHECKING:
+    from hivemind.store import AwsClients
 
 app = typer.Typer(help="Operator commands (an admin profile).", no_args_is_help=True)
 codes_app = typer.Typer(help="Prepaid credit codes.", no_args_is_help=True)
@@ -414,3 +419,115 @@ def reset_key(
     ui.info(
         f"hand it over privately; they load it with: hmctl init NAME --service URL --key-stdin < {key_file}"
     )
+
+
+# --- export / import -------------------------------------------------------------------------------
+
+StorePrefix = Annotated[
+    str | None, typer.Option("--prefix", help="Deployment prefix (default: $HIVEMIND_PREFIX).")
+]
+EndpointUrl = Annotated[
+    str | None,
+    typer.Option("--endpoint-url", help="AWS endpoint (default: $HIVEMIND_ENDPOINT_URL; moto locally)."),
+]
+
+
+def _store_clients(prefix: str | None, endpoint_url: str | None) -> AwsClients:
+    """The deployment's storage, from ``HIVEMIND_*`` and the AWS credentials of the environment."""
+    from hivemind.store import AwsClients, StoreConfig  # noqa: PLC0415 - boto3 is heavy; only these need it
+
+    try:
+        config = StoreConfig.from_env()
+        overrides = {
+            key: value for key, value in (("prefix", prefix), ("endpoint_url", endpoint_url)) if value
+        }
+        if overrides:
+            config = StoreConfig.model_validate({**config.model_dump(), **overrides})
+    except ValidationError as exc:
+        raise UsageError(
+            f"deployment settings: {exc.errors()[0]['msg']}", hint="check HIVEMIND_* and --prefix"
+        ) from None
+    return AwsClients(config)
+
+
+@app.command("export")
+def export(
+    ctx: typer.Context,
+    out: Annotated[Path, typer.Argument(help="Archive to write (must not exist).")],
+    *,
+    prefix: StorePrefix = None,
+    endpoint_url: EndpointUrl = None,
+    json_output: JsonFlag = False,
+) -> None:
+    """Export the whole deployment (tables and sealed objects, nothing decrypted) to one archive.
+
+    Works on the storage directly with the environment's AWS credentials; run it on a quiet deployment.
+    """
+    from hivemind.store.transfer import export_deployment  # noqa: PLC0415 - boto3 is heavy
+
+    ui = Ui(json_output=json_output)
+    manifest = export_deployment(_store_clients(prefix, endpoint_url), out)
+    summary = {
+        "archive": str(out),
+        "source": manifest.source.model_dump(),
+        "tables": {entry.role.value: entry.items for entry in manifest.tables},
+        "objects": manifest.objects.count,
+        "bytes": manifest.objects.bytes,
+    }
+    if json_output:
+        ui.print_json(summary)
+        return
+    ui.success(f"exported {sum(summary['tables'].values())} items and {summary['objects']} objects to {out}")
+
+
+@app.command("import")
+def import_(
+    ctx: typer.Context,
+    archive: Annotated[Path, typer.Argument(help="Archive written by `hmctl admin export`.")],
+    *,
+    prefix: StorePrefix = None,
+    endpoint_url: EndpointUrl = None,
+    verify_after: Annotated[
+        bool, typer.Option("--verify/--no-verify", help="Re-verify every manifest, chain and object after.")
+    ] = True,
+    json_output: JsonFlag = False,
+) -> None:
+    """Import an export into this deployment (verified before anything is written; re-import is a no-op).
+
+    Exits 1 when something was not imported because the target holds other data there. Invite links
+    name the old service URL: participants map it with `hmctl profile set --service-alias OLD=NEW`.
+    """
+    from hivemind.store import Store  # noqa: PLC0415 - boto3 is heavy
+    from hivemind.store.transfer import import_archive, verify_deployment  # noqa: PLC0415
+
+    ui = Ui(json_output=json_output)
+    clients = _store_clients(prefix, endpoint_url)
+    report = import_archive(clients, archive)
+    verification = verify_deployment(Store(clients)) if verify_after else None
+    summary = {
+        "archive": str(archive),
+        "source": report.archive.source.model_dump(),
+        "tables": {role: counts.model_dump() for role, counts in report.tables.items()},
+        "objects_written": report.objects_written,
+        "objects_unchanged": report.objects_unchanged,
+        "conflicts": [conflict.model_dump() for conflict in report.conflicts],
+        "verified": verification.model_dump() if verification is not None else None,
+    }
+    if json_output:
+        ui.print_json(summary)
+    else:
+        written = sum(counts.written for counts in report.tables.values())
+        ui.success(f"imported {written} items and {report.objects_written} objects from {archive}")
+        for conflict in report.conflicts:
+            ui.warn(f"not imported: {conflict.where} {conflict.key}: {conflict.reason}")
+        ui.info(
+            "Invite links made before name the old service URL; participants map it with "
+            "`hmctl profile set --service-alias OLD_URL=NEW_URL`."
+        )
+    if report.conflicts:
+        raise CliError(
+            f"{len(report.conflicts)} records were not imported: the target holds other data there",
+            hint="see the conflicts listed; nothing else was changed",
+            exit_code=ExitCode.ERROR,
+            code="import_conflicts",
+        )

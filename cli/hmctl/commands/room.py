@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,7 +26,7 @@ from hmctl.client import ApiClient
 from hmctl.commands.common import JsonFlag, YesFlag, short, when
 from hmctl.console import Ui
 from hmctl.errors import NotAccepted, RunFailed, UsageError, exit_code_for
-from hmctl.profiles import Profile
+from hmctl.profiles import Profile, RunTicket, RunTickets
 from hmctl.rooms import (
     SIMULATED_HINT,
     AgentChoice,
@@ -490,6 +491,58 @@ def _ask_budgets(
         raise UsageError(f"budgets: {exc.errors()[0]['msg']}") from None
 
 
+def _submit(
+    api: ApiClient,
+    state: AppState,
+    profile: Profile,
+    access: RoomAccess,
+    prompt: str,
+    *,
+    now: int,
+    skip_attestations: bool,
+    confirm: Callable[[FetchedRoom], bool],
+    budgets: tuple[int | None, int | None, int | None, int | None],
+    query_agent: Path | None,
+    query_agent_id: str | None,
+    tickets: RunTickets,
+) -> RunTicket:
+    """Every check of a run (room, acceptance, runner), the participant's query agent, the sealed run."""
+    checked = check_room(
+        api,
+        access,
+        profile=profile,
+        store=state.store,
+        now=now,
+        skip_attestations=skip_attestations,
+        confirm_acceptance=confirm,
+    )
+    requested = _ask_budgets(*budgets, checked.manifest.budgets.defaults)
+    agent_id = query_agent_id
+    if query_agent is not None:
+        if checked.manifest.query.mode is not QueryMode.UPLOADABLE:
+            raise UsageError("this room has a fixed query agent; it takes no --query-agent")
+        view = upload_agent(
+            api,
+            pack_agent(query_agent),
+            name=query_agent.resolve().name,
+            visibility=checked.manifest.query.visibility,
+            tenant_id=checked.manifest.tenant_id,
+            runner=checked.runner,
+            room_id=access.room_id,
+        )
+        agent_id = view["agent_id"]
+    return submit_run(
+        api,
+        checked,
+        prompt,
+        tenant_id=profile.tenant_id,
+        budgets=requested,
+        query_agent_id=agent_id,
+        tickets=tickets,
+        now=now,
+    )
+
+
 @app.command("ask")
 def ask(
     ctx: typer.Context,
@@ -551,40 +604,24 @@ def ask(
 
     tickets = state.store.run_tickets(profile.name)
     with state.api(access.service, access.secret, payer=payer) as api:
-        checked = check_room(
-            api,
-            access,
-            profile=profile,
-            store=state.store,
-            now=now,
-            skip_attestations=skip_attestations,
-            confirm_acceptance=confirm,
-        )
-        budgets = _ask_budgets(timeout_s, llm_calls, tokens, memory_mb, checked.manifest.budgets.defaults)
-        agent_id = query_agent_id
-        if query_agent is not None:
-            if checked.manifest.query.mode is not QueryMode.UPLOADABLE:
-                raise UsageError("this room has a fixed query agent; it takes no --query-agent")
-            view = upload_agent(
+        try:
+            ticket = _submit(
                 api,
-                pack_agent(query_agent),
-                name=query_agent.resolve().name,
-                visibility=checked.manifest.query.visibility,
-                tenant_id=checked.manifest.tenant_id,
-                runner=checked.runner,
-                room_id=access.room_id,
+                state,
+                profile,
+                access,
+                prompt,
+                now=now,
+                skip_attestations=skip_attestations,
+                confirm=confirm,
+                budgets=(timeout_s, llm_calls, tokens, memory_mb),
+                query_agent=query_agent,
+                query_agent_id=query_agent_id,
+                tickets=tickets,
             )
-            agent_id = view["agent_id"]
-        ticket = submit_run(
-            api,
-            checked,
-            prompt,
-            tenant_id=profile.tenant_id,
-            budgets=budgets,
-            query_agent_id=agent_id,
-            tickets=tickets,
-            now=now,
-        )
+        except HivemindError as exc:
+            print_failure(ui, exc, run_id=None, status=None, skipped=skip_attestations)
+            raise
         if not wait:
             result = {"run_id": ticket.run_id, "status": "pending", "attestation_skipped": skip_attestations}
             if json_output:
@@ -601,6 +638,25 @@ def ask(
             wait_timeout=wait_timeout,
             output_file=output_file,
         )
+
+
+def print_failure(ui: Ui, error: HivemindError, *, run_id: str | None, status: Any, skipped: bool) -> None:
+    """With --json, a run that was not delivered verified still prints one JSON object (stdout)."""
+    if not ui.json_output:
+        return
+    ui.print_json(
+        {
+            "run_id": run_id,
+            "status": status,
+            "output": None,
+            "verified": False,
+            "receipt": None,
+            "attestation_skipped": skipped,
+            "error": error.code,
+            "message": error.message,
+            "exit_code": int(exit_code_for(error)),
+        }
+    )
 
 
 def deliver(
@@ -632,20 +688,9 @@ def deliver(
             api, output_view, expected=Expected.of_ticket(ticket), holder=OutputKeyHolder.querier(ticket)
         )
     except HivemindError as exc:
-        if ui.json_output:
-            ui.print_json(
-                {
-                    "run_id": ticket.run_id,
-                    "status": view.get("status"),
-                    "output": None,
-                    "verified": False,
-                    "receipt": None,
-                    "attestation_skipped": ticket.attestation_skipped,
-                    "error": exc.code,
-                    "message": exc.message,
-                    "exit_code": int(exit_code_for(exc)),
-                }
-            )
+        print_failure(
+            ui, exc, run_id=ticket.run_id, status=view.get("status"), skipped=ticket.attestation_skipped
+        )
         raise
     result = outcome.as_dict(attestation_skipped=ticket.attestation_skipped)
     if output_file is not None and outcome.output is not None:

@@ -109,7 +109,8 @@ class HmctlRunner:
 
     def __call__(self, *args: str, display: Sequence[str] | None = None) -> dict[str, Any]:
         shown = display if display is not None else args
-        self._show("hmctl " + " ".join(shlex.quote(part) for part in shown))
+        command = "hmctl " + " ".join(shlex.quote(part) for part in shown)
+        self._show(command)
         completed = subprocess.run(  # noqa: S603 - this very interpreter running hmctl
             [sys.executable, "-c", _HMCTL, *args],
             env=self._env,
@@ -120,8 +121,7 @@ class HmctlRunner:
         )
         if completed.returncode != 0:
             raise DevStackError(
-                f"`hmctl {' '.join(shown)}` failed (exit {completed.returncode}):\n"
-                + completed.stderr.strip(),
+                f"`{command}` failed (exit {completed.returncode}):\n" + completed.stderr.strip(),
                 code="demo_step_failed",
                 exit_code=_EXIT_CODES.get(completed.returncode),
             )
@@ -129,11 +129,11 @@ class HmctlRunner:
             parsed = json.loads(completed.stdout)
         except ValueError:
             raise DevStackError(
-                f"`hmctl {' '.join(shown)}` printed no JSON: {completed.stdout[:300]!r}",
+                f"`{command}` printed no JSON: {completed.stdout[:300]!r}",
                 code="demo_step_failed",
             ) from None
         if not isinstance(parsed, dict):
-            raise DevStackError(f"`hmctl {' '.join(shown)}` printed {type(parsed).__name__}, not an object")
+            raise DevStackError(f"`{command}` printed {type(parsed).__name__}, not an object")
         return parsed
 
 
