@@ -313,6 +313,28 @@ def test_the_same_key_for_another_request_is_refused(api, hm, store: Store, aske
     assert len(_hold_entries(store, alice.tenant_id)) == 1
 
 
+def test_the_same_key_from_another_caller_is_another_run(api, hm, store: Store, asker: Asker) -> None:
+    alice = hm.tenant("alice")
+    store.billing.grant(alice.tenant_id, 1_000_000)
+    room = hm.room(alice)
+    bob = hm.invite(room)
+    runner = hm.runner()
+
+    mine = api.post(
+        f"/v1/rooms/{room.room_id}/runs",
+        token=alice.token,
+        json=asker.body(room, alice, runner, key="shared-key"),
+    ).ok(201)
+    theirs = api.post(
+        f"/v1/rooms/{room.room_id}/runs",
+        token=bob.token,
+        json=asker.body(room, bob, runner, key="shared-key"),
+    ).ok(201)
+
+    assert mine["run_id"] != theirs["run_id"]
+    assert store.runs.require(theirs["run_id"]).caller_id == bob.invite_id
+
+
 def test_a_submission_interrupted_after_its_hold_is_completed_by_the_retry(
     api, hm, store: Store, asker: Asker, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -62,6 +62,8 @@ ADMIN_PROFILE = "local-admin"
 LOCAL_RUNNER_FEE_PER_S = 100
 # The order processes start in; they stop in reverse.
 START_ORDER = ("moto", "api", "runner")
+# SIGTERM, then SIGKILL after this long: above the runner's own shutdown grace (10 s, set below).
+STOP_GRACE_S = 15.0
 
 # Credentials the emulator accepts; set explicitly so no real AWS profile or key is ever read or used.
 _EMULATOR_AWS_ENV = {
@@ -88,7 +90,6 @@ class Timeouts:
     moto_s: float = 30.0
     api_s: float = 45.0
     runner_s: float = 90.0
-    stop_grace_s: float = 15.0
 
 
 @dataclass(frozen=True)
@@ -214,7 +215,7 @@ class DevStack:
             if processes.is_running(proc):
                 say(f"stopping {proc.name} (pid {proc.pid})")
                 stopped.append(proc.name)
-            if not processes.stop(proc, grace_s=15.0):
+            if not processes.stop(proc, grace_s=STOP_GRACE_S):
                 survivors.append(f"{proc.name} (pid {proc.pid})")
         if survivors:
             raise DevStackError(
@@ -238,13 +239,14 @@ class _Starter:
         self.runner_id = f"runner_dev{digest}"
         self.prefix = DEFAULT_PREFIX
         self.region = DEFAULT_REGION
+        self.started_at = int(time.time())
 
     def _record(self, status: StackStatus | None = None) -> StackRecord:
         record = StackRecord(
             status=status,
             prefix=self.prefix,
             runner_id=self.runner_id,
-            started_at=int(time.time()),
+            started_at=self.started_at,
             processes=tuple(self.started),
         )
         save_record(self.stack.directory, record)
