@@ -13,6 +13,7 @@ from typing import Any
 
 from pydantic import Field
 
+from hivemind.envelope import OutputRecipient, SealedEnvelope
 from hivemind.errors import Conflict, InvalidInput, NotFound
 from hivemind.models import Budgets, RunStatus, Sha256Hex, Stage, StageUsage, StrictModel, UnixSeconds
 from hivemind.store.base import Clock, ConditionFailed, Page, Record, Table
@@ -49,6 +50,8 @@ class RunRecord(Record):
     usage: list[StageUsage] = Field(default_factory=list)
     receipt_key: str | None = None
     output_key: str | None = None
+    # The output's HMS1 key, HPKE-sealed per recipient ("querier", and "owner" when the room shows it).
+    sealed_output_keys: dict[OutputRecipient, SealedEnvelope] = Field(default_factory=dict)
     artifact_names: list[str] = Field(default_factory=list)
     error_code: str | None = Field(default=None, max_length=80)
     error_message: str | None = Field(default=None, max_length=1000)
@@ -60,6 +63,8 @@ class RunResult(StrictModel):
     usage: list[StageUsage] = Field(default_factory=list)
     receipt_key: str | None = None
     output_key: str | None = None
+    # The output's HMS1 key, HPKE-sealed per recipient ("querier", and "owner" when the room shows it).
+    sealed_output_keys: dict[OutputRecipient, SealedEnvelope] = Field(default_factory=dict)
     artifact_names: list[str] = Field(default_factory=list)
     error_code: str | None = Field(default=None, max_length=80)
     error_message: str | None = Field(default=None, max_length=1000)
