@@ -593,11 +593,7 @@ class RunLifecycle:
             receipt_key=receipt_key,
             output_key=outputs.output_key if outputs else None,
             artifact_names=outputs.artifact_names if outputs else [],
-            sealed_output_keys=(
-                {recipient.value: sealed for recipient, sealed in outputs.sealed_keys.items()}
-                if outputs
-                else {}
-            ),
+            sealed_output_keys=dict(outputs.sealed_keys) if outputs else {},
             error_code=error_code,
         )
         try:

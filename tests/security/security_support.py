@@ -35,10 +35,15 @@ def truncate(data: bytes, keep: int | None = None) -> bytes:
 
 
 def flip_text(text: str, position: int | None = None) -> str:
-    """A string with one character changed to another character of the same kind (stays ASCII)."""
+    """A string with one character changed to another of the same kind (hex stays lowercase hex)."""
     index = len(text) // 2 if position is None else position % len(text)
     char = text[index]
-    replacement = "B" if char == "A" else "A" if char.isalpha() else "1" if char == "0" else "0"
+    if char in "0123456789abcdef":
+        replacement = "1" if char == "0" else "0"
+    elif char.isalpha():
+        replacement = "B" if char == "A" else "A"
+    else:
+        replacement = "0"
     return text[:index] + replacement + text[index + 1 :]
 
 
@@ -82,15 +87,17 @@ def deployment_snapshot(store: Store) -> dict[str, Any]:
 def snapshot_difference(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     """What changed between two snapshots, per table (empty when nothing did)."""
     changed: dict[str, Any] = {}
-    for name in before:
-        added = sorted(set(after[name]) - set(before[name]))
-        removed = sorted(set(before[name]) - set(after[name]))
+    for name, old in before.items():
+        added = sorted(set(after[name]) - set(old))
+        removed = sorted(set(old) - set(after[name]))
         if added or removed:
             changed[name] = {"added": added, "removed": removed}
     return changed
 
 
-def edit_row(store: Store, role: TableRole, key: dict[str, Any], mutate: Callable[[dict[str, Any]], None]) -> None:
+def edit_row(
+    store: Store, role: TableRole, key: dict[str, Any], mutate: Callable[[dict[str, Any]], None]
+) -> None:
     """Change one stored item directly, as an attacker with table access would."""
     client = store.clients.dynamodb
     table = store.config.table_name(role)

@@ -23,7 +23,7 @@ import re._constants as sre_constants  # the stdlib's regex parser: used to insp
 import re._parser as sre_parser
 from collections.abc import Iterable, Mapping, Sequence
 from enum import StrEnum
-from typing import Annotated, Any, Self
+from typing import Annotated, Any, Literal, Self
 
 import sqlglot
 from pydantic import (
@@ -606,20 +606,36 @@ def most_restrictive_policy(schema: Mapping[str, Sequence[str]] | None = None) -
     return parse_policy({"tables": tables})
 
 
+def _schema_problems(policy: ScopePolicy, schema: Mapping[str, Sequence[str]]) -> list[dict[str, str]]:
+    problems: list[dict[str, str]] = []
+    for table, table_policy in policy.tables.items():
+        if table not in schema:
+            problems.append({"path": f"tables.{table}", "message": "no such table in the room data"})
+            continue
+        missing = [column for column in table_policy.columns if column not in schema[table]]
+        if missing:
+            problems.append(
+                {"path": f"tables.{table}.columns", "message": f"no such column(s) {', '.join(missing)}"}
+            )
+        missing = sorted(column for column in table_policy.where_columns() if column not in schema[table])
+        if missing:
+            problems.append(
+                {"path": f"tables.{table}.where", "message": f"no such column(s) {', '.join(missing)}"}
+            )
+    return problems
+
+
 def check_against_schema(policy: ScopePolicy, schema: Mapping[str, Sequence[str]]) -> None:
     """Refuse a policy naming a table or column the room's data does not have (the run fails closed).
 
-    Both the listed columns and every column a row filter references must exist in ``schema``.
+    Both the listed columns and every column a row filter references must exist in ``schema``. The
+    :class:`InvalidPolicy` names every problem; ``details["errors"]`` lists them as ``{"path",
+    "message"}`` objects, like :func:`parse_policy`'s.
     """
-    for table, table_policy in policy.tables.items():
-        if table not in schema:
-            raise InvalidPolicy(f"tables.{table}: no such table in the room data")
-        missing = [column for column in table_policy.columns if column not in schema[table]]
-        if missing:
-            raise InvalidPolicy(f"tables.{table}.columns: no such column(s) {', '.join(missing)}")
-        missing = sorted(column for column in table_policy.where_columns() if column not in schema[table])
-        if missing:
-            raise InvalidPolicy(f"tables.{table}.where: no such column(s) {', '.join(missing)}")
+    problems = _schema_problems(policy, schema)
+    if problems:
+        summary = "; ".join(f"{problem['path']}: {problem['message']}" for problem in problems)
+        raise InvalidPolicy(summary, details={"errors": problems})
 
 
 # --- narrowing -----------------------------------------------------------------------------------
@@ -733,6 +749,166 @@ def narrow(room_policy: ScopePolicy, proposed: ScopePolicy) -> ScopePolicy:
             details={"widenings": found},
         )
     return proposed
+
+
+def _intersect_where(table: TablePolicy, bound_table: TablePolicy) -> str | None:
+    if bound_table.where is None or not (bound_table.where_conjuncts() - table.where_conjuncts()):
+        return table.where
+    if table.where is None:
+        return bound_table.where
+    # Both from their checked syntax trees: each side is one balanced predicate, so neither can reach
+    # out of its parentheses, and the result's conjuncts include every conjunct of the bound's filter.
+    return f"({bound_table.where_sql()}) AND ({table.where_sql()})"
+
+
+def _pattern_union(own: Sequence[str], added: Sequence[str]) -> list[str]:
+    return list(own) + [pattern for pattern in added if pattern not in own]
+
+
+def intersect(policy: ScopePolicy, bound: ScopePolicy) -> ScopePolicy:
+    """The part of ``policy`` that ``bound`` also allows: :func:`widenings` finds nothing against either.
+
+    ``policy`` itself when it is already narrower than ``bound``. Otherwise: tables and columns are
+    intersected (a table left without columns is dropped); a row filter that does not keep the bound's
+    conditions becomes ``(bound's) AND (own)`` (filters may use hidden columns, so the bound's filter
+    holds whatever columns remain); aggregation takes the stricter of each rule; item rules the bound
+    does not cover are dropped; redact and deny patterns are the union of both lists.
+
+    Raises :class:`InvalidPolicy` when the intersection breaks a limit of the model (more than
+    ``MAX_PATTERNS`` patterns in a list, a combined row filter over the grammar's bounds).
+    """
+    if is_narrower(policy, bound):
+        return policy
+    tables: dict[str, dict[str, Any]] = {}
+    for table, table_policy in policy.tables.items():
+        bound_table = bound.tables.get(table)
+        if bound_table is None:
+            continue
+        columns = [column for column in table_policy.columns if column in bound_table.columns]
+        if columns:
+            tables[table] = {"columns": columns, "where": _intersect_where(table_policy, bound_table)}
+    aggregate, bound_aggregate = policy.aggregate, bound.aggregate
+    items, output = policy.items, policy.output
+    try:
+        return parse_policy(
+            {
+                "tables": tables,
+                "aggregate": {
+                    "required": aggregate.required or bound_aggregate.required,
+                    "min_group_size": max(aggregate.min_group_size, bound_aggregate.min_group_size),
+                    "functions": [
+                        function.value
+                        for function in aggregate.functions
+                        if function in bound_aggregate.functions
+                    ],
+                },
+                "max_rows": min(policy.max_rows, bound.max_rows),
+                "items": {
+                    "allow": [
+                        rule.model_dump(mode="json")
+                        for rule in items.allow
+                        if _item_rule_covered(rule, bound.items.allow)
+                    ],
+                    "redact": _pattern_union(items.redact, bound.items.redact),
+                },
+                "output": {
+                    "deny": _pattern_union(output.deny, bound.output.deny),
+                    "redact": _pattern_union(output.redact, bound.output.redact),
+                },
+            }
+        )
+    except InvalidPolicy as exc:
+        raise InvalidPolicy(
+            f"the policy cannot be intersected with its bound: {exc.message}", details=exc.details
+        ) from None
+
+
+# --- checking a candidate --------------------------------------------------------------------------
+
+
+class PolicyProblem(StrictModel):
+    """Why a candidate policy is refused: the JSON path of the offending value and what is wrong."""
+
+    path: str
+    message: str
+
+
+class Widening(StrictModel):
+    """One way a candidate may allow more than ``against``: the caller's ``bound`` or the room's
+    ``data_policy``."""
+
+    against: Literal["bound", "data_policy"]
+    message: str
+
+
+class PolicyCheck(StrictModel):
+    """The verdict on a candidate ScopePolicy, as the runner would reach it (the bridge's
+    ``POST /v1/policy/check``).
+
+    ``valid``: it parses and names only tables and columns the data has; ``errors`` says why not.
+    ``policy``: the candidate with every section written out (``None`` unless valid).
+    ``widenings``: against ``bound`` when one was given, and always against the room's ``data_policy``
+    when the room sets one. ``narrower_than_room``: valid and nothing wider than the room's
+    ``data_policy`` (true when the room sets none): the runner accepts exactly these.
+    ``within_room``: :func:`intersect` of the candidate with the room's ``data_policy`` (the candidate
+    itself when the room sets none or it is already narrower; ``None`` unless valid).
+    """
+
+    valid: bool
+    errors: tuple[PolicyProblem, ...] = ()
+    policy: ScopePolicy | None = None
+    widenings: tuple[Widening, ...] = ()
+    narrower_than_room: bool = False
+    within_room: ScopePolicy | None = None
+
+
+def _problems(exc: InvalidPolicy) -> tuple[PolicyProblem, ...]:
+    listed = exc.details.get("errors")
+    if not listed:
+        return (PolicyProblem(path="$", message=exc.message),)
+    return tuple(PolicyProblem(path=problem["path"], message=problem["message"]) for problem in listed)
+
+
+def check_policy(
+    candidate: str | bytes | Mapping[str, Any] | ScopePolicy,
+    schema: Mapping[str, Sequence[str]],
+    *,
+    bound: Mapping[str, Any] | ScopePolicy | None = None,
+    room_policy: ScopePolicy | None = None,
+) -> PolicyCheck:
+    """Judge ``candidate`` for a room whose data has ``schema`` and whose ``data_policy`` is
+    ``room_policy``: :func:`parse_policy`, :func:`check_against_schema`, :func:`widenings` against
+    ``bound`` and the room's policy, and :func:`intersect` with the room's policy.
+
+    A candidate that does not parse or names missing tables or columns is a verdict
+    (``valid=False``), not an exception. Raises :class:`InvalidPolicy` when ``bound`` is not a valid
+    policy, or when the candidate cannot be intersected with the room's policy (see :func:`intersect`).
+    """
+    bound_policy: ScopePolicy | None = None
+    if bound is not None:
+        try:
+            bound_policy = parse_policy(bound)
+        except InvalidPolicy as exc:
+            raise InvalidPolicy(
+                f"the bound is not a valid policy: {exc.message}", details=exc.details
+            ) from None
+    try:
+        policy = parse_policy(candidate)
+        check_against_schema(policy, schema)
+    except InvalidPolicy as exc:
+        return PolicyCheck(valid=False, errors=_problems(exc))
+    found = [] if bound_policy is None else widenings(policy, bound_policy)
+    room_found = [] if room_policy is None else widenings(policy, room_policy)
+    return PolicyCheck(
+        valid=True,
+        policy=policy,
+        widenings=tuple(
+            [Widening(against="bound", message=message) for message in found]
+            + [Widening(against="data_policy", message=message) for message in room_found]
+        ),
+        narrower_than_room=not room_found,
+        within_room=policy if room_policy is None else intersect(policy, room_policy),
+    )
 
 
 # --- what the query stage sees ------------------------------------------------------------------

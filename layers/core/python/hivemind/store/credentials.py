@@ -8,7 +8,7 @@ expired, out of uses.
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Self
+from typing import Any, Self
 
 from pydantic import Field, model_validator
 
@@ -149,31 +149,37 @@ class CredentialRepository:
             if rotated is not None and rotated.get("rotated_from") == old_auth_hash:
                 return CredentialRecord.from_item(rotated)
             raise NotFound("no such credential")
+        new, operations = self.rotation_ops(old, new_auth_hash)
+        try:
+            transact(self._clients, operations, what="rotate key")
+        except TransactionCancelled as exc:
+            if exc.condition_failed(1):
+                raise Conflict("the new key is already registered") from None
+            raise Conflict("the key changed while rotating; retry") from None
+        return new
+
+    def rotation_ops(
+        self, old: CredentialRecord, new_auth_hash: str
+    ) -> tuple[CredentialRecord, list[dict[str, Any]]]:
+        """The new record and the two transaction operations of :meth:`rotate`, to run inside a larger
+        transaction (an owner key rotation swaps the hash together with everything the key signs):
+        delete the old hash (exists, not revoked), then put the new one (does not exist)."""
         if old.kind is CredentialKind.INVITE:
             raise InvalidInput("invites are not rotated; revoke the invite and share a new one")
         _refuse_unusable(old, self._clock())
         new = CredentialRecord.model_validate(
             {**old.model_dump(), "auth_hash": new_auth_hash, "token_id": new_auth_hash[:16]}
         )
-        new_item = {**new.to_item(), "rotated_from": old_auth_hash}
-        try:
-            transact(
-                self._clients,
-                [
-                    self._table.delete_op(
-                        {"auth_hash": old_auth_hash},
-                        condition="attribute_exists(auth_hash) AND revoked = :false",
-                        values={":false": False},
-                    ),
-                    self._table.put_op(new_item, condition="attribute_not_exists(auth_hash)"),
-                ],
-                what="rotate key",
-            )
-        except TransactionCancelled as exc:
-            if exc.condition_failed(1):
-                raise Conflict("the new key is already registered") from None
-            raise Conflict("the key changed while rotating; retry") from None
-        return new
+        new_item = {**new.to_item(), "rotated_from": old.auth_hash}
+        operations = [
+            self._table.delete_op(
+                {"auth_hash": old.auth_hash},
+                condition="attribute_exists(auth_hash) AND revoked = :false",
+                values={":false": False},
+            ),
+            self._table.put_op(new_item, condition="attribute_not_exists(auth_hash)"),
+        ]
+        return new, operations
 
     def find_in_room(self, room_id: str, token_id: str) -> CredentialRecord | None:
         """An invite of ``room_id`` by its public id (to revoke invites one by one)."""
