@@ -71,7 +71,13 @@ from hivemind_runner.outputs import (
 from hivemind_runner.pipeline import PipelineInputs, PipelineResult, RoomItem, StageAgent
 from hivemind_runner.sandbox.base import SourceDigestMismatch
 from hivemind_runner.tee import TeeIdentity
-from hivemind_runner.telemetry import RunTimer, StructuredLogger, aggregate_llm_usage, usage_summary
+from hivemind_runner.telemetry import (
+    PhaseClock,
+    RunTimer,
+    StructuredLogger,
+    aggregate_llm_usage,
+    usage_summary,
+)
 from hivemind_runner.workspace import RunWorkspace, WorkspaceFactory
 
 AGENT_KEY_INFO_PREFIX = b"hivemind-agent-v1|"
@@ -107,6 +113,8 @@ class _Progress:
     usage: list[StageUsage] = field(default_factory=list)
     llm_usage: list[dict[str, object]] = field(default_factory=list)
     scope_policy_hash: str | None = None
+    # Where the attempt's time went (the ``run_finished`` log's ``phase_ms``).
+    phases: PhaseClock = field(default_factory=PhaseClock)
 
 
 @dataclass(frozen=True)
@@ -190,6 +198,7 @@ class RunLifecycle:
 
     def execute(self, run_id: str, *, receive_count: int) -> RunOutcome:
         log = self._logger.bind(run_id=run_id, attempt=receive_count)
+        phases = PhaseClock()
         run = self._store.runs.get(run_id)
         if run is None:
             log.warning("run_unknown")
@@ -206,21 +215,25 @@ class RunLifecycle:
                 raise
             self._resend_settlement(self._store.runs.require(run_id), log)
             return RunOutcome.FINISHED
+        phases.lap("start")
         try:
-            return self._run_started(started, receive_count, log.bind(room_id=started.room_id))
+            return self._run_started(started, receive_count, log.bind(room_id=started.room_id), phases)
         except _RunLost:
             log.warning("run_lost")
             return RunOutcome.LOST
 
-    def _run_started(self, started: RunRecord, receive_count: int, log: StructuredLogger) -> RunOutcome:
+    def _run_started(
+        self, started: RunRecord, receive_count: int, log: StructuredLogger, phases: PhaseClock
+    ) -> RunOutcome:
         log.event("run_started", takeover=started.attempts > 1)
         timer = RunTimer()
-        progress = _Progress()
+        progress = _Progress(phases=phases)
         completed: _Completed | None = None
         error_code: str | None = None
         try:
             with self._workspaces.open(started.run_id) as workspace:
                 completed = self._attempt(started, workspace, progress, log)
+            progress.phases.lap("wipe")
         except _RunLost:
             raise
         except ServiceUnavailable as exc:
@@ -235,6 +248,7 @@ class RunLifecycle:
             )
         if error_code is not None:
             completed = None
+            progress.phases.lap("failed_step")
         return self._finish(started, progress, timer, log, completed=completed, error_code=error_code)
 
     # --- the steps ---------------------------------------------------------------------------------
@@ -243,14 +257,19 @@ class RunLifecycle:
         self, run: RunRecord, workspace: RunWorkspace, progress: _Progress, log: StructuredLogger
     ) -> _Completed:
         """Steps 2-9: the stored outputs of a successful run; any failure raises."""
+        phases = progress.phases
         manifest = self._verified_manifest(run)
         check_runner_trust(
             self._identity.compose_hash, manifest.runner_trust, self._release, app_id=self._identity.app_id
         )
+        phases.lap("verify")
         envelope = self._open_envelope(run, manifest)
         dek = self._room_key(run, envelope)
+        phases.lap("envelope")
         items = self._decrypt_items(manifest, dek, workspace)
+        phases.lap("decrypt")
         agents = self._fetch_agents(manifest, envelope, workspace)
+        phases.lap("agents")
         inputs = PipelineInputs(
             run_id=run.run_id,
             manifest=manifest,
@@ -278,6 +297,7 @@ class RunLifecycle:
             log.event("stage_started", stage=stage.value)
 
         result = self._pipeline.run(inputs, on_stage)
+        phases.lap("pipeline", result.phases)
         if lost:
             raise _RunLost
         self._check_result_agents(result, agents)
@@ -303,6 +323,7 @@ class RunLifecycle:
             artifacts=artifacts,
             scratch=workspace.scratch,
         )
+        phases.lap("seal")
         return _Completed(outputs=outputs, result=result)
 
     def _verified_manifest(self, run: RunRecord) -> RoomManifest:
@@ -586,6 +607,7 @@ class RunLifecycle:
         signed = self._keys.sign_receipt(receipt)
         self._ensure_owner(run)
         receipt_key = store_receipt(self._store, run.run_id, signed)
+        progress.phases.lap("receipt")
         outputs = completed.outputs if completed is not None else None
         status = RunStatus.COMPLETED if error_code is None else RunStatus.FAILED
         result = RunResult(
@@ -604,6 +626,7 @@ class RunLifecycle:
             # Expired or failed by the janitor meanwhile: that state stands; the janitor releases the hold.
             log.warning("run_finish_refused", error_code=exc.code)
             return RunOutcome.FINISHED
+        progress.phases.lap("finish")
         if not transition.applied:
             log.warning("run_already_finished")
             return RunOutcome.FINISHED
@@ -616,12 +639,14 @@ class RunLifecycle:
                 llm=aggregate_llm_usage(progress.llm_usage),
             ),
         )
+        progress.phases.lap("settle")
         log.event(
             "run_finished",
             status=status.value,
             error_code=error_code,
             runner_seconds=timer.seconds(),
             artifacts=len(result.artifact_names),
+            phase_ms=progress.phases.phases(),
             **usage_summary(progress.usage),
         )
         return RunOutcome.FINISHED

@@ -5,7 +5,7 @@ workspace) and produces the output, or a stable error code, plus everything the 
 
 1. **prepare**: every stage's agent is built (or found in the image cache) from its verified source;
    the run's wall-clock budget starts after this, so a cold image build does not eat it;
-2. **scope** (full read, ``simulate``): returns a ScopePolicy as JSON. The runner parses it
+2. **scope** (full read, ``simulate``, ``policy/check``): returns a ScopePolicy as JSON. The runner parses it
    (:func:`hivemind.policy.parse_policy`), narrows it against the room's ``data_policy``
    (:func:`hivemind.policy.narrow`) and checks it against the data; anything wrong fails the run
    closed with ``scope_policy_invalid``. The policy is data: nothing the agent wrote runs here (§16.4);
@@ -57,6 +57,7 @@ from hivemind_runner.bridge import (
     StageServices,
     StageSession,
     StoredArtifact,
+    room_policy_checker,
     tool_call_chain,
 )
 from hivemind_runner.llm import LlmGateway, RunLlm
@@ -79,6 +80,7 @@ from hivemind_runner.scoped import (
     resolve_policy,
 )
 from hivemind_runner.scoped import RoomItem as ScopedItem
+from hivemind_runner.telemetry import PhaseClock
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +93,8 @@ PASSED_FAILURE_CODES = frozenset({"budget_exceeded", "llm_provider_error", "prov
 ORDER = (Stage.SCOPE, Stage.QUERY, Stage.MEDIATOR)
 # How long the end of the scope stage waits for simulations it stopped to be torn down.
 _SIMULATION_DRAIN_S = 60
+# How often the pipeline looks whether a stage has posted its answer while its sandbox runs.
+_ANSWER_POLL_S = 0.005
 
 
 # --- the interface the runner's worker uses -----------------------------------------------------------
@@ -147,6 +151,8 @@ class PipelineResult:
     usage: list[StageUsage] = field(default_factory=list)
     llm_usage: list[dict] = field(default_factory=list)
     error_code: str | None = None
+    # Where the pipeline's time went, contiguous, in milliseconds (the runner's ``phase_ms`` log).
+    phases: dict[str, int] = field(default_factory=dict)
 
 
 class AgentImages(Protocol):
@@ -200,6 +206,51 @@ class _CallbackFailed(Exception):
 class _StageRun:
     session: StageSession
     result: SandboxResult
+
+
+class _LiveStage:
+    """One stage's sandbox on a thread of its own, so the run goes on as soon as the stage has posted
+    its answer: the container's exit, its removal and the bridge's shutdown then overlap the next
+    stage instead of delaying it. :meth:`join` waits for all of it (and ``cleanup``, which releases
+    what the stage's services held); the pipeline joins every stage before it returns, so no sandbox
+    outlives the run and usage and diagnostics are complete."""
+
+    def __init__(self, stage: Stage, session: StageSession, *, name: str, cleanup: Callable[[], None]):
+        self.stage = stage
+        self.session = session
+        self.name = name
+        self._cleanup = cleanup
+        self._done = threading.Event()
+        self._result: SandboxResult | None = None
+        self._error: BaseException | None = None
+
+    def serve(self, run_sandbox: Callable[[], SandboxResult]) -> None:
+        """The thread's body: run the sandbox to its end, then clean up; errors are kept for join."""
+        try:
+            self._result = run_sandbox()
+        except BaseException as exc:
+            self._error = exc
+        finally:
+            try:
+                self._cleanup()
+            except BaseException as exc:
+                if self._error is None:
+                    self._error = exc
+            self._done.set()
+
+    def answer(self) -> StageOutput | None:
+        """The stage's output as soon as the session accepted one; None if the sandbox ended without."""
+        while not self._done.is_set():
+            if self.session.finished.wait(_ANSWER_POLL_S) and self.session.output is not None:
+                return self.session.output
+        return self.session.output
+
+    def join(self) -> _StageRun:
+        self._done.wait()
+        if self._error is not None:
+            raise self._error
+        assert self._result is not None
+        return _StageRun(self.session, self._result)
 
 
 def stage_answer(stage: Stage, output: StageOutput | None, outcome: Outcome) -> StageOutput:
@@ -341,6 +392,8 @@ class _Run:
         self.diagnostics = inputs.workspace / "diagnostics"
         self.artifact_store: ArtifactStore | None = None
         self.simulation_runs: list[_StageRun] = []
+        self.live: list[_LiveStage] = []
+        self.phases = PhaseClock()
 
     @property
     def meter(self) -> RunLlm:
@@ -352,21 +405,7 @@ class _Run:
 
     def execute(self) -> PipelineResult:
         try:
-            self._check_agents()
-            self._prepare_agents()
-            self.items = self._scoped_items()
-            self.llm = self.pipeline.llm_gateway.open_run(
-                run_id=self.inputs.run_id,
-                allowed_providers=self.manifest.egress.llm_providers,
-                budgets=self.inputs.budgets,
-                payer_tenant_id=self.inputs.payer_tenant_id,
-            )
-            self.deadline = time.monotonic() + self.inputs.budgets.timeout_s
-            policy = self._scope_stage()
-            answer = self._query_stage(policy)
-            final = self._mediator_stage(policy, answer) if Stage.MEDIATOR in self.prepared else answer
-            stored = self.artifact_store.stored if self.artifact_store is not None else {}
-            gated = gate_output(policy, final, stored)
+            gated = self._stages_then_join()
             return self._result(
                 ok=True, output=gated.output, content_type=gated.content_type, artifacts=gated.artifacts
             )
@@ -382,6 +421,55 @@ class _Run:
         except Exception as exc:
             logger.error("pipeline of run %s failed with %s", self.inputs.run_id, type(exc).__name__)
             return self._result(ok=False, error_code="internal_error")
+
+    def _stages_then_join(self) -> GatedOutput:
+        """The stages and the gate; every stage's sandbox has ended when this returns or raises."""
+        try:
+            gated = self._stages()
+        except BaseException:
+            self._join_stages()  # the first failure stands; a later one in a winding-down stage does not
+            raise
+        failure = self._join_stages()
+        if failure is not None:
+            raise failure
+        return gated
+
+    def _stages(self) -> GatedOutput:
+        self._check_agents()
+        self._prepare_agents()
+        self.items = self._scoped_items()
+        self.llm = self.pipeline.llm_gateway.open_run(
+            run_id=self.inputs.run_id,
+            allowed_providers=self.manifest.egress.llm_providers,
+            budgets=self.inputs.budgets,
+            payer_tenant_id=self.inputs.payer_tenant_id,
+        )
+        self.phases.lap("images")
+        self.deadline = time.monotonic() + self.inputs.budgets.timeout_s
+        policy = self._scope_stage()
+        answer = self._query_stage(policy)
+        final = self._mediator_stage(policy, answer) if Stage.MEDIATOR in self.prepared else answer
+        stored = self.artifact_store.stored if self.artifact_store is not None else {}
+        gated = gate_output(policy, final, stored)
+        self.phases.lap("gate")
+        return gated
+
+    def _join_stages(self) -> BaseException | None:
+        """Wait for every stage's sandbox to end; record its diagnostics and usage. Returns the first
+        error a stage's thread raised (the sandbox could not be run or cleaned up), if any."""
+        failure: BaseException | None = None
+        for live in self.live:
+            try:
+                run = live.join()
+            except BaseException as exc:
+                failure = failure or exc
+                continue
+            self._record(live.stage, run, live.name)
+            extra = list(self.simulation_runs) if live.stage is Stage.SCOPE else []
+            self._account(live.stage, [run, *extra])
+        self.live.clear()
+        self.phases.lap("teardown")
+        return failure
 
     def _result(
         self,
@@ -402,6 +490,7 @@ class _Run:
             usage=[self.usage[stage] for stage in ORDER if stage in self.usage],
             llm_usage=self.llm.provider_usage() if self.llm is not None else [],
             error_code=None if ok else error_code,
+            phases=self.phases.phases(),
         )
 
     # --- preparation ---
@@ -488,6 +577,16 @@ class _Run:
                 server.close()
             shutil.rmtree(socket_dir, ignore_errors=True)
 
+    def _session(self, stage: Stage, services: StageServices, *, simulated: bool) -> StageSession:
+        return StageSession(
+            run_id=self.inputs.run_id,
+            stage=stage,
+            services=services,
+            chain=self.pipeline.chain,
+            limits=self.config.bridge,
+            simulated=simulated,
+        )
+
     def _sandbox(
         self,
         stage: Stage,
@@ -497,14 +596,45 @@ class _Run:
         simulated: bool,
         cancel: threading.Event | None,
     ) -> _StageRun:
-        session = StageSession(
-            run_id=self.inputs.run_id,
-            stage=stage,
-            services=services,
-            chain=self.pipeline.chain,
-            limits=self.config.bridge,
-            simulated=simulated,
+        """Run one sandbox to its end on the calling thread (simulations)."""
+        session = self._session(stage, services, simulated=simulated)
+        return _StageRun(session, self._run_sandbox(stage, session, timeout_s, cancel))
+
+    def _launch(
+        self, stage: Stage, services: StageServices, timeout_s: int, *, cleanup: Callable[[], None]
+    ) -> _LiveStage:
+        """Start a stage's sandbox on its own thread; the run joins it before it ends."""
+        session = self._session(stage, services, simulated=False)
+        live = _LiveStage(stage, session, name=stage.value, cleanup=cleanup)
+        thread = threading.Thread(
+            target=live.serve,
+            args=(lambda: self._run_sandbox(stage, session, timeout_s, None),),
+            name=f"stage-{stage.value}-{self.inputs.run_id}",
+            daemon=True,
         )
+        try:
+            thread.start()
+        except BaseException:
+            cleanup()
+            raise
+        self.live.append(live)
+        return live
+
+    def _await_answer(self, live: _LiveStage) -> StageOutput:
+        """The stage's answer as soon as it is posted (its sandbox winds down meanwhile), or RunFailed.
+
+        Without a posted output the run waits for the sandbox's end: its outcome names the failure.
+        """
+        output = live.answer()
+        self.phases.lap(live.stage.value)
+        if output is None:
+            return stage_answer(live.stage, None, live.join().result.outcome)
+        # A posted output decides the stage whatever the sandbox's outcome (see stage_answer).
+        return stage_answer(live.stage, output, Outcome.OK)
+
+    def _run_sandbox(
+        self, stage: Stage, session: StageSession, timeout_s: int, cancel: threading.Event | None
+    ) -> SandboxResult:
         with self._bridge(session) as socket_path:
             spec = SandboxSpec(
                 agent=self.prepared[stage],
@@ -521,11 +651,10 @@ class _Run:
             )
             watcher.start()
             try:
-                result = self.pipeline.backend.run(spec, stop=stop)
+                return self.pipeline.backend.run(spec, stop=stop)
             finally:
                 done.set()
                 watcher.join()
-        return _StageRun(session, result)
 
     def _stop_after_output(
         self,
@@ -586,11 +715,15 @@ class _Run:
             completion_tokens=llm.completion_tokens,
         )
 
-    def _run_stage(self, stage: Stage, services: StageServices, timeout_s: int) -> StageOutput:
-        run = self._sandbox(stage, services, timeout_s, simulated=False, cancel=None)
-        self._record(stage, run, stage.value)
-        self._account(stage, [run])
-        return stage_answer(stage, run.session.output, run.result.outcome)
+    def _run_stage(
+        self,
+        stage: Stage,
+        services: StageServices,
+        timeout_s: int,
+        *,
+        cleanup: Callable[[], None] = lambda: None,
+    ) -> StageOutput:
+        return self._await_answer(self._launch(stage, services, timeout_s, cleanup=cleanup))
 
     def _input(
         self, role: Stage, *, prompt: str | None, schema: Any, timeout_s: int, **rest: Any
@@ -654,14 +787,28 @@ class _Run:
             database = full_read_database(self.items, self.config.scoped)
         except DataLoadError as exc:
             raise RunFailed(exc.code) from None
-        with database:
-            data_policy = self.manifest.data_policy
-            scope_finished = threading.Event()
+        self.phases.lap("scope_load")
+        data_policy = self.manifest.data_policy
+        scope_finished = threading.Event()
+
+        def wind_down() -> None:
+            # Simulations still running are stopped, and waited for so their usage is counted.
+            scope_finished.set()
+            try:
+                with self.simulation_state:
+                    self.simulation_state.wait_for(
+                        lambda: self.active_simulations == 0, timeout=_SIMULATION_DRAIN_S
+                    )
+            finally:
+                database.close()
+
+        try:
+            schema = database.schema(role=Stage.SCOPE)
             services = StageServices(
                 input_document=self._input(
                     Stage.SCOPE,
                     prompt=self.inputs.prompt if self.prompt_visible_to_scope else None,
-                    schema=database.schema(role=Stage.SCOPE).model_dump(mode="json"),
+                    schema=schema.model_dump(mode="json"),
                     timeout_s=timeout,
                     artifacts_allowed=False,
                     stage={
@@ -674,19 +821,20 @@ class _Run:
                 llm=self.meter,
                 llm_allowed=bool(self.manifest.egress.llm_providers),
                 simulator=self._simulator(scope_finished),
+                policy_checker=room_policy_checker(
+                    {table.name: [column.name for column in table.columns] for table in schema.tables},
+                    data_policy,
+                ),
             )
-            try:
-                run = self._sandbox(Stage.SCOPE, services, timeout, simulated=False, cancel=None)
-            finally:
-                # Simulations still running are stopped, and waited for so their usage is counted.
-                scope_finished.set()
-                with self.simulation_state:
-                    self.simulation_state.wait_for(
-                        lambda: self.active_simulations == 0, timeout=_SIMULATION_DRAIN_S
-                    )
-        self._record(Stage.SCOPE, run, Stage.SCOPE.value)
-        self._account(Stage.SCOPE, [run, *self.simulation_runs])
-        output = stage_answer(Stage.SCOPE, run.session.output, run.result.outcome)
+        except BaseException:
+            database.close()
+            raise
+        live = self._launch(Stage.SCOPE, services, timeout, cleanup=wind_down)
+        try:
+            output = self._await_answer(live)
+        finally:
+            # The stage is over: no simulation starts any more (running ones are stopped).
+            scope_finished.set()
         if output.kind != "json" or output.data is None:
             raise RunFailed("scope_policy_invalid")
         try:
@@ -797,20 +945,26 @@ class _Run:
             raise RunFailed("scope_policy_invalid") from None
         except DataLoadError as exc:
             raise RunFailed(exc.code) from None
-        with database:
+        self.phases.lap("query_load")
+        try:
             services = self._query_services(
                 policy_database=database, prompt=self.inputs.prompt, timeout_s=timeout
             )
             if services.artifacts_allowed:
                 self.artifact_store = ArtifactStore(self.inputs.workspace / "artifacts", self.config.bridge)
                 services = replace(services, artifacts=self.artifact_store)
-            return self._run_stage(Stage.QUERY, services, timeout)
+        except BaseException:
+            database.close()
+            raise
+        # The database stays open until the stage's sandbox has ended (its thread closes it).
+        return self._run_stage(Stage.QUERY, services, timeout, cleanup=database.close)
 
     # --- mediator ---
 
     def _mediator_stage(self, policy: ScopePolicy, answer: StageOutput) -> StageOutput:
         self._begin(Stage.MEDIATOR)
         timeout = self._stage_timeout(Stage.MEDIATOR)
+        self.phases.lap("mediator_load")
         services = StageServices(
             input_document=self._input(
                 Stage.MEDIATOR,

@@ -146,6 +146,44 @@ def usage_summary(usage: Iterable[StageUsage]) -> dict[str, Any]:
     }
 
 
+class PhaseClock:
+    """Where one run's time went: contiguous named phases in milliseconds, for the ``run_finished`` log.
+
+    Each :meth:`lap` closes the phase that began at the previous lap (or at construction), so the
+    phases add up to the whole and their running sum is a timeline from the first instant. Only names
+    and integers: nothing here can carry room data. Not thread-safe: one run's own thread laps it.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self._clock = clock
+        self._last = clock()
+        self._phases: dict[str, int] = {}
+
+    def lap(self, name: str, parts: Mapping[str, int] | None = None) -> int:
+        """End the current phase as ``name`` (summed if ``name`` was lapped before); its milliseconds.
+
+        ``parts`` splits the phase: a callee's own contiguous phases (the pipeline's stages) are
+        recorded in their order, and whatever of the phase they do not cover is recorded as ``name``.
+        """
+        for part in (name, *(parts or {})):
+            if not _EVENT_NAME.fullmatch(part):
+                raise ValueError("a phase name is a lowercase identifier")
+        now = self._clock()
+        elapsed = max(0, round((now - self._last) * 1000))
+        self._last = now
+        remainder = elapsed
+        for part, milliseconds in (parts or {}).items():
+            covered = min(max(0, int(milliseconds)), remainder)
+            self._phases[part] = self._phases.get(part, 0) + covered
+            remainder -= covered
+        self._phases[name] = self._phases.get(name, 0) + remainder
+        return elapsed
+
+    def phases(self) -> dict[str, int]:
+        """The phases so far, in the order they first ended."""
+        return dict(self._phases)
+
+
 class RunTimer:
     """Wall-clock seconds one run held the runner (what the runner fee is charged on)."""
 

@@ -5,14 +5,18 @@ Steps, each of which can only narrow what the previous one produced:
 1. **Compile** the rules' policy block (docs/rules.md) into a ScopePolicy; without a block, take the
    most restrictive policy over the room's schema (every table and column, aggregate-only, COUNT only,
    groups of at least 10, no document items). A malformed block fails the stage: the run fails closed.
-2. **Bound** it by the room's ``data_policy`` when the manifest sets one (the meet of the two).
+2. **Bound** it by the room's ``data_policy`` when the manifest sets one (their intersection).
 3. **LLM** (only when the room allows a provider): ask for a narrower policy from the rules' prose and
-   keep it only if it parses and is narrower by a local conservative check; otherwise keep step 2's.
+   keep it only if the runner finds it valid and narrower; otherwise keep step 2's.
 4. **Least privilege from inspection**: when the query agent's files are inspectable and never call
    the SQL tool (or the item tools), its policy shows no tables (or no items).
 5. **Simulation**: when the prompt is visible and the policy has output deny patterns, run the query
    agent under the candidate; if its raw answer would be denied, drop the columns that produced the
    match, or every table when that cannot be told.
+
+The agent never judges a policy itself: validity, narrowing and the intersection with the room's
+``data_policy`` come from the bridge (``ctx.check_policy``), which uses the runner's own policy code.
+What stays here only removes things from a policy (tables, columns, items).
 """
 
 from __future__ import annotations
@@ -22,16 +26,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from hivemind_agent import BridgeError, Context, InvalidRequest, Schema
-from rules_block import RulesError, load_policy_block
-from scope_policy import (
-    PolicyError,
-    check_against_schema,
-    meet,
-    most_restrictive,
-    normalize,
-    widenings,
-)
+from hivemind_agent import BridgeError, Context, InvalidRequest, PolicyCheck, Schema
+from hivemind_agent.rules import RulesError, load_policy_block
 
 LLM_MAX_TOKENS = 1500
 # Marks of a tool call in an agent's source, for the SDK, raw HTTP and MCP clients alike.
@@ -57,6 +53,10 @@ def note(ctx: Context, message: str, *, level: str = "info", **fields: Any) -> N
         return
 
 
+class PolicyError(ValueError):
+    """The runner refused a policy this agent built: a bug here, and the stage must not go on."""
+
+
 def schema_tables(schema: Schema | None) -> dict[str, list[str]]:
     """Table name -> column names of the room's data (the scope stage sees the full schema)."""
     if schema is None:
@@ -64,31 +64,33 @@ def schema_tables(schema: Schema | None) -> dict[str, list[str]]:
     return {table.name: list(table.column_names) for table in schema.tables}
 
 
-def compile_rules(
-    rules: str, policy_text: str, schema: Mapping[str, list[str]]
-) -> tuple[dict[str, Any], str]:
-    """The ScopePolicy the room's texts ask for, and where it came from. Raises :class:`RulesError`."""
-    loaded = load_policy_block(rules, policy_text)
+def most_restrictive(schema: Mapping[str, list[str]]) -> dict[str, Any]:
+    """Every table and column, every other section omitted: the runner reads omitted sections at their
+    strictest (aggregate-only, COUNT over groups of 10+, 100 rows, no items, no output patterns)."""
+    return {"tables": {table: {"columns": list(columns)} for table, columns in schema.items()}}
+
+
+def _problems(check: PolicyCheck) -> str:
+    return "; ".join(str(problem) for problem in check.errors)
+
+
+def compile_rules(ctx: Context) -> tuple[dict[str, Any], str]:
+    """Steps 1 and 2: the policy the room's texts ask for, within the room's ``data_policy``, and where
+    it came from. One bridge call judges the policy and intersects it with the room's bound.
+
+    Raises :class:`RulesError` for a block the rules format or the runner refuses.
+    """
+    loaded = load_policy_block(ctx.input.rules, ctx.input.policy)
     if loaded is None:
-        return most_restrictive(schema), "no policy block: the most restrictive policy over the schema"
+        check = ctx.check_policy(most_restrictive(schema_tables(ctx.input.schema)))
+        if check.within_room is None:
+            raise PolicyError(f"the most restrictive policy over the schema was refused: {_problems(check)}")
+        return check.within_room, "no policy block: the most restrictive policy over the schema"
     block, data = loaded
-    try:
-        policy = normalize(data)
-        check_against_schema(policy, schema)
-    except PolicyError as exc:
-        raise RulesError(f"{block.where}: the policy block is not a valid ScopePolicy: {exc}") from None
-    return policy, f"the policy block at {block.where}"
-
-
-def room_bound(stage: Mapping[str, Any]) -> dict[str, Any] | None:
-    """The room's ``data_policy`` (normalized), or None when the manifest sets none."""
-    raw = stage.get("data_policy")
-    if raw is None:
-        return None
-    try:
-        return normalize(raw)
-    except PolicyError as exc:
-        raise PolicyError(f"the room's data_policy is not understood: {exc}") from None
+    check = ctx.check_policy(data)
+    if check.within_room is None:
+        raise RulesError(f"{block.where}: the policy block is not a valid ScopePolicy: {_problems(check)}")
+    return check.within_room, f"the policy block at {block.where}"
 
 
 # --- LLM narrowing -------------------------------------------------------------------------------
@@ -117,17 +119,22 @@ def llm_narrow(ctx: Context, policy: dict[str, Any], schema: Mapping[str, list[s
     ]
     try:
         completion = ctx.llm.chat(messages, temperature=0, max_tokens=LLM_MAX_TOKENS)
-        proposal = normalize(_json_object(completion.text or ""))
-        check_against_schema(proposal, schema)
+        proposal = _json_object(completion.text or "")
+        if not isinstance(proposal, dict):
+            raise ValueError("the reply's JSON is not an object")
+        check = ctx.check_policy(proposal, bound=policy)
     except (BridgeError, ValueError, RecursionError) as exc:
-        # PolicyError and JSON errors are ValueErrors: an unusable proposal, not a failed run.
+        # JSON errors are ValueErrors: an unusable proposal, not a failed run.
         note(ctx, "llm proposal not used", level="warning", reason=f"{type(exc).__name__}: {exc}"[:500])
         return policy
-    found = widenings(proposal, policy)
-    # The LLM may not touch row filters: a rewritten filter could fail the runner's grammar.
+    if check.policy is None:
+        note(ctx, "llm proposal not used", level="warning", reason=_problems(check)[:500])
+        return policy
+    found = [f"{widening.against}: {widening.message}" for widening in check.widenings]
+    # The LLM may not touch row filters: the rules' filters are the owner's words, kept verbatim.
     found += [
         f"tables.{table}.where: changed"
-        for table, spec in proposal["tables"].items()
+        for table, spec in check.policy["tables"].items()
         if table in policy["tables"] and spec["where"] != policy["tables"][table]["where"]
     ]
     if found:
@@ -138,8 +145,8 @@ def llm_narrow(ctx: Context, policy: dict[str, Any], schema: Mapping[str, list[s
             widenings=found[:10],
         )
         return policy
-    note(ctx, "llm proposal accepted", tables=sorted(proposal["tables"]))
-    return proposal
+    note(ctx, "llm proposal accepted", tables=sorted(check.policy["tables"]))
+    return check.policy
 
 
 # --- least privilege from the query agent's source ------------------------------------------------
@@ -278,22 +285,18 @@ def tighten_by_simulation(ctx: Context, policy: dict[str, Any], prompt: str | No
 
 def decide(ctx: Context) -> dict[str, Any]:
     """The scope stage: the ScopePolicy for this run (posted as JSON by ``main``)."""
-    schema = schema_tables(ctx.input.schema)
-    bound = room_bound(ctx.input.stage)
-    policy, origin = compile_rules(ctx.input.rules, ctx.input.policy, schema)
-    policy = meet(policy, bound)
-    note(ctx, "compiled", origin=origin, bounded=bound is not None, tables=sorted(policy["tables"]))
+    policy, origin = compile_rules(ctx)
+    bounded = ctx.input.stage.get("data_policy") is not None
+    note(ctx, "compiled", origin=origin, bounded=bounded, tables=sorted(policy["tables"]))
     if ctx.input.llm_available:
-        policy = llm_narrow(ctx, policy, schema)
+        policy = llm_narrow(ctx, policy, schema_tables(ctx.input.schema))
     policy, notes = least_privilege(policy, ctx.input.stage.get("query_agent"))
     for text in notes:
         note(ctx, text)
-    policy = tighten_by_simulation(ctx, normalize(policy), ctx.prompt)
-    policy = normalize(policy)
-    found = widenings(policy, bound)
-    if found:
+    policy = tighten_by_simulation(ctx, policy, ctx.prompt)
+    final = ctx.check_policy(policy)
+    if final.policy is None or not final.narrower_than_room:
         # Every step above only narrows; reaching this means a bug, and the run must not go on.
-        raise PolicyError(
-            "the scope agent produced a policy wider than the room's data_policy: " + "; ".join(found)
-        )
-    return policy
+        reasons = [str(problem) for problem in final.errors] + [w.message for w in final.widenings]
+        raise PolicyError("the scope agent produced a policy the runner would refuse: " + "; ".join(reasons))
+    return final.policy

@@ -5,10 +5,11 @@ unchanged: sessions per stage with the role table enforced, the scope stage read
 the query stage reading an in-memory database built from the allowed projection only (DESIGN §16.6),
 its SQL checked with sqlglot (a single SELECT, allowed aggregate functions, ``HAVING COUNT(*) >= k``
 added), items filtered and redacted by the policy, ``simulate`` running the room's query agent as a
-subprocess under a candidate policy, and a scripted LLM.
+subprocess under a candidate policy, ``policy/check`` answering with the core's verdict, and a scripted
+LLM.
 
-Policies are parsed with the core library (``hivemind.policy``), so a policy an agent posts is
-checked by the same code the runner uses.
+Policies are parsed and judged with the core library (``hivemind.policy``), so a policy an agent posts
+or asks about is checked by the same code the runner uses.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ from urllib.parse import unquote
 
 import sqlglot
 from hivemind.errors import InvalidPolicy
-from hivemind.policy import ScopePolicy, check_against_schema, is_narrower, parse_policy, widenings
+from hivemind.policy import ScopePolicy, check_policy, parse_policy
+from hivemind_agent import Bridge, Context
 from sqlglot import exp
 
 REPO = Path(__file__).resolve().parents[2]
@@ -160,6 +162,7 @@ class FakeBridge:
         self.socket_path = socket_path
         self.sessions: dict[str, Session] = {}
         self.simulations: list[tuple[dict[str, Any], str, Session]] = []
+        self.policy_checks: list[dict[str, Any]] = []
         self.llm_calls_used = 0
         self._lock = threading.RLock()
         self._db = sqlite_db(room.tables)
@@ -209,6 +212,11 @@ class FakeBridge:
             "HIVEMIND_SESSION": session.token,
             "HIVEMIND_ROLE": session.role,
         }
+
+    def context(self, session: Session) -> Context:
+        """An SDK context for ``session``, to call an agent's functions in this process."""
+        client = Bridge(self.socket_path, session.token, session.role, timeout=30)
+        return Context(client, client.input())
 
     def run_agent(
         self, agent_dir: Path, session: Session, timeout: float = 60
@@ -362,19 +370,24 @@ class FakeBridge:
         except LlmFailure as exc:
             raise BridgeRefusal(502, "llm_provider_error", str(exc)) from None
 
-    def simulate(self, body: dict[str, Any]) -> dict[str, Any]:
+    def check_policy(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``POST /v1/policy/check``: the core's verdict, as the runner gives it."""
+        room_policy = None if self.room.data_policy is None else parse_policy(self.room.data_policy)
+        schema = {name: [column for column, _ in columns] for name, (columns, _) in self.room.tables.items()}
         try:
-            policy = parse_policy(body["policy"])
-            if self.room.data_policy is not None and not is_narrower(
-                policy, parse_policy(self.room.data_policy)
-            ):
-                found = widenings(policy, parse_policy(self.room.data_policy))
-                raise InvalidPolicy("widens the room's data_policy: " + "; ".join(found))
-            check_against_schema(
-                policy, {name: [c for c, _ in cols] for name, (cols, _) in self.room.tables.items()}
-            )
+            verdict = check_policy(body["policy"], schema, bound=body.get("bound"), room_policy=room_policy)
         except InvalidPolicy as exc:
             raise BridgeRefusal(400, "invalid_policy", exc.message) from None
+        return verdict.model_dump(mode="json")
+
+    def simulate(self, body: dict[str, Any]) -> dict[str, Any]:
+        verdict = self.check_policy({"policy": body["policy"]})
+        if not verdict["valid"] or not verdict["narrower_than_room"]:
+            reasons = [f"{e['path']}: {e['message']}" for e in verdict["errors"]] + [
+                w["message"] for w in verdict["widenings"]
+            ]
+            raise BridgeRefusal(400, "invalid_policy", "; ".join(reasons))
+        policy = parse_policy(verdict["policy"])
         if len(self.simulations) >= MAX_SIMULATIONS:
             raise BridgeRefusal(429, "budget_exceeded", "no simulations left in this run")
         session = self.open_session("query", str(body["prompt"]), policy=policy)
@@ -396,6 +409,7 @@ class FakeBridge:
         ("POST", "/v1/tools/sql"): {"scope", "query"},
         ("GET", "/v1/tools/items"): {"scope", "query"},
         ("POST", "/v1/simulate"): {"scope"},
+        ("POST", "/v1/policy/check"): {"scope"},
     }
 
     def handle(self, method: str, path: str, authorization: str | None, raw: bytes) -> tuple[int, Any]:
@@ -440,6 +454,9 @@ class FakeBridge:
             return self.llm(session, body)
         if (method, path) == ("POST", "/v1/simulate"):
             return self.simulate(body)
+        if (method, path) == ("POST", "/v1/policy/check"):
+            self.policy_checks.append(body)
+            return self.check_policy(body)
         if (method, path) == ("POST", "/v1/log"):
             session.logs.append(body)
             return {"accepted": True}

@@ -2,9 +2,9 @@
 
 Each agent directory is its own image build context, so its modules import their siblings by plain
 name (``from query_intents import ...``). The directories go on ``sys.path`` here; module names are
-unique across agents (the shared ``rules_block.py`` is byte-identical in both copies, which a test
-checks). Bytecode is not written into the agent directories: they are agent source, hashed and
-shipped as they are.
+unique across agents (what several agents share, such as the rules format, lives in the SDK).
+Bytecode is not written into the agent directories: they are agent source, hashed and shipped as
+they are.
 """
 
 from __future__ import annotations

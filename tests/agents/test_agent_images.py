@@ -149,4 +149,4 @@ def test_a_failing_stage_reports_through_the_socket(images: dict[str, str]) -> N
         result = run_in_sandbox(bridge, images["default-scope"], scope)
     assert result.returncode == 1
     assert scope.result["error"]["code"] == "agent_error"
-    assert "max_rows: must be an integer" in scope.result["error"]["message"]
+    assert "max_rows: Input should be a valid integer" in scope.result["error"]["message"]

@@ -19,7 +19,7 @@ import pytest
 from hivemind.admission import Deny
 from hivemind.errors import InvalidPolicy
 from hivemind.models import Stage
-from hivemind.policy import parse_policy
+from hivemind.policy import intersect, parse_policy
 from hivemind_agent import Bridge
 from hivemind_agent.errors import BudgetExhausted, Denied, InvalidRequest, NotAllowedForRole, NotFound
 from hivemind_runner.bridge import (
@@ -30,10 +30,17 @@ from hivemind_runner.bridge import (
     StageServices,
     StageSession,
     ToolCall,
+    room_policy_checker,
     tool_call_chain,
     wire_error,
 )
-from hivemind_runner.scoped import ItemInfo, RoomItem, build_scoped_database, full_read_database
+from hivemind_runner.scoped import (
+    ItemInfo,
+    RoomItem,
+    ScopedDatabase,
+    build_scoped_database,
+    full_read_database,
+)
 
 SIZES = {"eng": 8, "ops": 6, "sales": 5, "legal": 3}
 MEMO = "Q3 memo: Alice Example (SSN 123-45-6789) approved the budget."
@@ -131,6 +138,14 @@ def harness(tmp_path: Path) -> Iterator[Harness]:
         active.close()
 
 
+def full_schema(database: ScopedDatabase) -> dict[str, list[str]]:
+    """Table -> columns of the full data, as the pipeline hands it to the policy checker."""
+    return {
+        table.name: [column.name for column in table.columns]
+        for table in database.schema(role=Stage.SCOPE).tables
+    }
+
+
 @pytest.fixture
 def scope(harness: Harness) -> Iterator[tuple[StageSession, Bridge, Path]]:
     with full_read_database(room_items()) as database:
@@ -147,6 +162,7 @@ def scope(harness: Harness) -> Iterator[tuple[StageSession, Bridge, Path]]:
             input_document=input_document(Stage.SCOPE, prompt_visible=True),
             database=database,
             simulator=simulator,
+            policy_checker=room_policy_checker(full_schema(database), None),
         )
         yield harness.start(Stage.SCOPE, services)
 
@@ -336,6 +352,102 @@ def test_simulate_refuses_invalid_policies_and_counts_its_budget(
     assert (exhausted.value.code, exhausted.value.status) == ("budget_exceeded", 429)
 
 
+def test_scope_checks_policies_with_the_runners_verdict(scope: tuple[StageSession, Bridge, Path]) -> None:
+    session, bridge, _ = scope
+    check = bridge.check_policy({"tables": {"people": {"columns": ["department"], "where": "region = 'eu'"}}})
+    assert check.valid and check.narrower and check.narrower_than_room
+    # Every section written out, omitted ones at their strictest; no data_policy: within_room is itself.
+    assert check.policy == {
+        "tables": {"people": {"columns": ["department"], "where": "region = 'eu'"}},
+        "aggregate": {"required": True, "min_group_size": 10, "functions": ["COUNT"]},
+        "max_rows": 100,
+        "items": {"allow": [], "redact": []},
+        "output": {"deny": [], "redact": []},
+    }
+    assert check.within_room == check.policy
+
+    wider = bridge.check_policy({"tables": {"people": {"columns": ["department", "salary"]}}}, check.policy)
+    assert wider.valid and wider.narrower_than_room and not wider.narrower
+    assert [(w.against, w.message) for w in wider.widenings] == [
+        ("bound", "tables.people.columns: salary not allowed by the bound"),
+        ("bound", "tables.people.where: does not keep the bound's condition(s) \"region\" = 'eu'"),
+    ]
+
+    invalid = bridge.check_policy(
+        {"tables": {"people": {"columns": ["email"]}, "nobody": {"columns": ["a"]}}, "max_rows": 10}
+    )
+    assert not invalid.valid and (invalid.policy, invalid.within_room) == (None, None)
+    assert [str(problem) for problem in invalid.errors] == [
+        "tables.people.columns: no such column(s) email",
+        "tables.nobody: no such table in the room data",
+    ]
+    grammar = bridge.check_policy(
+        {"tables": {"people": {"columns": ["salary"], "where": "lower(name) = 'x'"}}}
+    )
+    assert [problem.path for problem in grammar.errors] == ["tables.people.where"]
+    assert session.tool_counts == {"policy_check": 4}
+
+
+def test_policy_check_measures_against_the_rooms_data_policy(harness: Harness) -> None:
+    room = parse_policy(
+        {
+            "tables": {"people": {"columns": ["department", "salary"], "where": "region = 'eu'"}},
+            "aggregate": {"required": True, "min_group_size": 5, "functions": ["COUNT", "AVG"]},
+            "output": {"deny": ["(?i)secretname"]},
+        }
+    )
+    with full_read_database(room_items()) as database:
+        services = StageServices(
+            input_document=input_document(Stage.SCOPE),
+            database=database,
+            policy_checker=room_policy_checker(full_schema(database), room),
+        )
+        _, bridge, _ = harness.start(Stage.SCOPE, services)
+        wants = {"tables": {"people": {"columns": ["name", "salary"]}}, "aggregate": {"functions": ["AVG"]}}
+        wider = bridge.check_policy(wants)
+        assert wider.valid and not wider.narrower_than_room
+        assert {w.against for w in wider.widenings} == {"data_policy"}
+        assert wider.within_room == intersect(parse_policy(wants), room).model_dump(mode="json")
+        assert wider.within_room is not None
+        assert wider.within_room["tables"] == {"people": {"columns": ["salary"], "where": "region = 'eu'"}}
+        assert wider.within_room["output"]["deny"] == ["(?i)secretname"]
+
+        within = bridge.check_policy(wider.within_room)
+        assert within.narrower_than_room and within.widenings == ()
+        assert within.within_room == within.policy == wider.within_room
+
+
+def test_policy_check_refuses_malformed_requests(scope: tuple[StageSession, Bridge, Path]) -> None:
+    session, bridge, path = scope
+    with pytest.raises(InvalidRequest) as bad_bound:
+        bridge.check_policy({}, bound={"max_rows": -1})
+    assert (bad_bound.value.code, bad_bound.value.status) == ("invalid_policy", 400)
+    assert "the bound is not a valid policy" in bad_bound.value.message
+    auth = {"Authorization": f"Bearer {session.token}"}
+    for body in ({"policy": "{}"}, {"policy": {}, "bound": []}, {"policy": {}, "prompt": "x"}, {}):
+        status, answer = raw_request(
+            path, "POST", "/v1/policy/check", body=json.dumps(body).encode(), headers=auth
+        )
+        assert (status, answer["error"]) == (400, "invalid_request")
+    assert raw_request(path, "GET", "/v1/policy/check", headers=auth)[0] == 405
+
+
+def test_operator_policies_also_bound_policy_checks(harness: Harness) -> None:
+    with full_read_database(room_items()) as database:
+        chain = tool_call_chain(max_tool_calls=1000, max_log_lines=10, extra_specs="max_prompt_bytes:64")
+        services = StageServices(
+            input_document=input_document(Stage.SCOPE),
+            database=database,
+            policy_checker=room_policy_checker(full_schema(database), None),
+        )
+        session, bridge, _ = harness.start(Stage.SCOPE, services, chain=chain)
+        assert bridge.check_policy({}).valid
+        with pytest.raises(Denied) as refused:
+            bridge.check_policy({"tables": {"people": {"columns": ["department", "salary", "region"]}}})
+        assert (refused.value.code, refused.value.status) == ("prompt_too_large", 403)
+        assert session.tool_counts == {"policy_check": 1}
+
+
 def test_query_sees_only_the_allowed_projection(query: tuple[StageSession, Bridge, Path]) -> None:
     _, bridge, _ = query
     schema = bridge.schema()
@@ -373,11 +485,17 @@ def test_query_items_pass_the_allow_list_and_redaction(query: tuple[StageSession
             bridge.item(hidden)
 
 
-def test_query_cannot_simulate(query: tuple[StageSession, Bridge, Path]) -> None:
-    _, bridge, _ = query
+@pytest.mark.parametrize(
+    "call",
+    [lambda bridge: bridge.simulate({}, "q"), lambda bridge: bridge.check_policy({})],
+    ids=["simulate", "check_policy"],
+)
+def test_query_cannot_simulate_or_check_policies(query: tuple[StageSession, Bridge, Path], call: Any) -> None:
+    session, bridge, _ = query
     with pytest.raises(NotAllowedForRole) as refused:
-        bridge.simulate({}, "q")
+        call(bridge)
     assert (refused.value.code, refused.value.status) == ("not_allowed_for_role", 403)
+    assert session.tool_counts == {}
 
 
 def test_query_artifacts_are_stored_once_per_name(
@@ -423,9 +541,10 @@ def test_artifacts_are_refused_when_the_room_disallows_them(harness: Harness) ->
         lambda bridge: bridge.items(),
         lambda bridge: bridge.item("item_memo"),
         lambda bridge: bridge.simulate({}, "q"),
+        lambda bridge: bridge.check_policy({}),
         lambda bridge: bridge.artifact("a.txt", b"a"),
     ],
-    ids=["schema", "sql", "items", "item", "simulate", "artifact"],
+    ids=["schema", "sql", "items", "item", "simulate", "check_policy", "artifact"],
 )
 def test_mediator_has_no_data_tools(mediator: tuple[StageSession, Bridge, Path], call: Any) -> None:
     session, bridge, _ = mediator

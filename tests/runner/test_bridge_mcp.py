@@ -11,7 +11,14 @@ import httpx
 import pytest
 from hivemind.models import Stage
 from hivemind.policy import parse_policy
-from hivemind_runner.bridge import ArtifactStore, BridgeLimits, BridgeServer, StageServices, StageSession
+from hivemind_runner.bridge import (
+    ArtifactStore,
+    BridgeLimits,
+    BridgeServer,
+    StageServices,
+    StageSession,
+    room_policy_checker,
+)
 from hivemind_runner.bridge.grants import tool_call_chain
 from hivemind_runner.scoped import ItemInfo, RoomItem, build_scoped_database, full_read_database
 
@@ -81,6 +88,7 @@ def scope(tmp_path: Path) -> Iterator[tuple[BridgeServer, McpClient]]:
             input_document=document(Stage.SCOPE),
             database=database,
             simulator=lambda policy, prompt: {"output": f"simulated: {prompt}", "error": None},
+            policy_checker=room_policy_checker({"people": ["department", "salary"]}, POLICY),
         )
         server, client = start(tmp_path, Stage.SCOPE, services)
         try:
@@ -144,7 +152,7 @@ def test_tools_list_shows_each_role_its_own_tools(
 
     common = {"get_input", "submit_output", "log"}
     data = {"get_schema", "run_sql", "list_items", "read_item"}
-    assert names(scope[1]) == common | data | {"simulate"}
+    assert names(scope[1]) == common | data | {"simulate", "check_policy"}
     assert names(query[1]) == common | data | {"write_artifact"}
     assert names(mediator[1]) == common
 
@@ -167,6 +175,8 @@ def test_role_rules_hold_over_mcp(
 ) -> None:
     simulated = query[1].tool("simulate", policy={}, prompt="q")
     assert (simulated["isError"], simulated["structuredContent"]["error"]) == (True, "not_allowed_for_role")
+    checked = query[1].tool("check_policy", policy={})
+    assert (checked["isError"], checked["structuredContent"]["error"]) == (True, "not_allowed_for_role")
     sql = mediator[1].tool("run_sql", query="SELECT 1")
     assert (sql["isError"], sql["structuredContent"]["error"]) == (True, "not_allowed_for_role")
     assert mediator[0].session.tool_counts == {}
@@ -175,6 +185,26 @@ def test_role_rules_hold_over_mcp(
 def test_scope_simulates_over_mcp(scope: tuple[BridgeServer, McpClient]) -> None:
     result = scope[1].tool("simulate", policy={"tables": {}}, prompt="how many")
     assert result["structuredContent"] == {"output": "simulated: how many", "error": None}
+
+
+def test_scope_checks_policies_over_mcp(scope: tuple[BridgeServer, McpClient]) -> None:
+    _, client = scope
+    wider = {"tables": {"people": {"columns": ["salary"]}}, "aggregate": {"min_group_size": 2}}
+    result = client.tool("check_policy", policy=wider)
+    verdict = result["structuredContent"]
+    assert (result["isError"], verdict["valid"], verdict["narrower_than_room"]) == (False, True, False)
+    assert verdict["widenings"] == [
+        {"against": "data_policy", "message": "aggregate.min_group_size: 2 is below the bound's 5"}
+    ]
+    assert verdict["within_room"]["aggregate"]["min_group_size"] == 5
+    bounded = client.tool("check_policy", policy=wider, bound={"tables": {}})["structuredContent"]
+    assert [w["against"] for w in bounded["widenings"]] == ["bound", "bound", "data_policy"]
+    invalid = client.tool("check_policy", policy={"tables": {"people": {"columns": ["email"]}}})
+    assert invalid["structuredContent"]["errors"] == [
+        {"path": "tables.people.columns", "message": "no such column(s) email"}
+    ]
+    refused = client.tool("check_policy", policy={}, bound={"max_rows": -1})
+    assert (refused["isError"], refused["structuredContent"]["error"]) == (True, "invalid_policy")
 
 
 def test_artifacts_and_output_over_mcp(query: tuple[BridgeServer, McpClient]) -> None:

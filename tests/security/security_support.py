@@ -8,10 +8,14 @@ idempotency records) are left out.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Callable
 from typing import Any
 
+from hivemind.attestation import AttestationDocument, EventLogEntry, VerifiedQuote, runner_key_binding
+from hivemind.envelope import HpkeKeyPair
+from hivemind.models import TeeKind
 from hivemind.store import Store
 from hivemind.store.base import deserialize, serialize
 from hivemind.store.schema import SCHEMA, TableRole
@@ -118,3 +122,76 @@ def put_row(store: Store, role: TableRole, row: dict[str, Any]) -> None:
 
 def delete_row(store: Store, role: TableRole, key: dict[str, Any]) -> None:
     store.clients.dynamodb.delete_item(TableName=store.config.table_name(role), Key=serialize(key))
+
+
+# --- attestation documents of a (stubbed) genuine TDX runner ---------------------------------------
+
+RUNTIME_EVENT = 0x08000001
+APP_ID = "ab" * 20
+
+
+def runtime_event(name: str, payload: bytes) -> EventLogEntry:
+    digest = hashlib.sha384(RUNTIME_EVENT.to_bytes(4, "little") + b":" + name.encode() + b":" + payload)
+    return EventLogEntry(
+        imr=3, event_type=RUNTIME_EVENT, digest=digest.hexdigest(), event=name, event_payload=payload.hex()
+    )
+
+
+def boot_log(compose_hash: str) -> list[EventLogEntry]:
+    return [
+        runtime_event("system-preparing", b""),
+        runtime_event("app-id", bytes.fromhex(APP_ID)),
+        runtime_event("compose-hash", bytes.fromhex(compose_hash)),
+        runtime_event("boot-mr-done", b""),
+        runtime_event("system-ready", b""),
+    ]
+
+
+def rtmr3_of(events: list[EventLogEntry]) -> bytes:
+    register = bytes(48)
+    for event in events:
+        register = hashlib.sha384(register + bytes.fromhex(event.digest)).digest()
+    return register
+
+
+def tdx_document(keys: HpkeKeyPair, sign_pub: str, compose_hash: str) -> AttestationDocument:
+    return AttestationDocument(
+        runner_id="runner_tdx1",
+        tee=TeeKind.TDX,
+        version="0.1.0",
+        app_id=APP_ID,
+        compose_hash=compose_hash,
+        quote="ab" * 64,
+        event_log=boot_log(compose_hash),
+        hpke_public_keys=keys.public_keys().by_suite(),
+        sign_pub=sign_pub,
+        published_at=1_700_000_000,
+    )
+
+
+def genuine_quote_for(document: AttestationDocument) -> VerifiedQuote:
+    """What DCAP verification of the runner's genuine quote says: it binds the runner's real keys and
+    measures its real boot log (stands in for Intel's signature chain, tested in test_attestation)."""
+    zero = bytes(48)
+    return VerifiedQuote(
+        quote_sha256=document.quote_sha256,
+        tcb_status="UpToDate",
+        advisory_ids=(),
+        report_data=runner_key_binding(document.hpke_public_keys, document.sign_pub),
+        mr_td=zero,
+        mr_config_id=zero,
+        mr_owner=zero,
+        mr_owner_config=zero,
+        mr_seam=zero,
+        rtmr0=zero,
+        rtmr1=zero,
+        rtmr2=zero,
+        rtmr3=rtmr3_of(list(document.event_log)),
+        td_attributes=bytes(8),
+        tee_tcb_svn=bytes(16),
+    )
+
+
+class AnyCollateral:
+    def collateral_for(self, quote: bytes, *, now: int) -> dict[str, Any]:
+        return {}

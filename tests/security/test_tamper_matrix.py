@@ -34,9 +34,6 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from hivemind import attestation as attestation_module
 from hivemind.attestation import (
     AttestationDocument,
-    EventLogEntry,
-    VerifiedQuote,
-    runner_key_binding,
     verify_attestation,
 )
 from hivemind.encoding import b64encode, sha256_hex
@@ -90,14 +87,17 @@ from hivemind.store.schema import TableRole, agent_source_key
 from hivemind.tokens import random_id
 from hivemind.trust import RunnerTrust, RunnerTrustMode
 from security_support import (
+    AnyCollateral,
     delete_row,
     deployment_snapshot,
     edit_row,
     flip_byte,
     flip_text,
+    genuine_quote_for,
     put_row,
     read_row,
     snapshot_difference,
+    tdx_document,
     truncate,
 )
 
@@ -671,77 +671,6 @@ def test_artifact_not_matching_its_receipt_entry_is_refused(case: str) -> None:
 
 # --- attestation documents, as stored in the Runners table and relayed -----------------------------
 
-RUNTIME_EVENT = 0x08000001
-APP_ID = "ab" * 20
-
-
-def _runtime_event(name: str, payload: bytes) -> EventLogEntry:
-    digest = hashlib.sha384(RUNTIME_EVENT.to_bytes(4, "little") + b":" + name.encode() + b":" + payload)
-    return EventLogEntry(
-        imr=3, event_type=RUNTIME_EVENT, digest=digest.hexdigest(), event=name, event_payload=payload.hex()
-    )
-
-
-def _boot_log(compose_hash: str) -> list[EventLogEntry]:
-    return [
-        _runtime_event("system-preparing", b""),
-        _runtime_event("app-id", bytes.fromhex(APP_ID)),
-        _runtime_event("compose-hash", bytes.fromhex(compose_hash)),
-        _runtime_event("boot-mr-done", b""),
-        _runtime_event("system-ready", b""),
-    ]
-
-
-def _rtmr3(events: list[EventLogEntry]) -> bytes:
-    register = bytes(48)
-    for event in events:
-        register = hashlib.sha384(register + bytes.fromhex(event.digest)).digest()
-    return register
-
-
-def _tdx_document(keys: HpkeKeyPair, sign_pub: str, compose_hash: str) -> AttestationDocument:
-    return AttestationDocument(
-        runner_id="runner_tdx1",
-        tee=TeeKind.TDX,
-        version="0.1.0",
-        app_id=APP_ID,
-        compose_hash=compose_hash,
-        quote="ab" * 64,
-        event_log=_boot_log(compose_hash),
-        hpke_public_keys=keys.public_keys().by_suite(),
-        sign_pub=sign_pub,
-        published_at=1_700_000_000,
-    )
-
-
-def _genuine_quote_for(document: AttestationDocument) -> VerifiedQuote:
-    """What DCAP verification of the runner's genuine quote says: it binds the runner's real keys and
-    measures its real boot log (stands in for Intel's signature chain, tested in test_attestation)."""
-    zero = bytes(48)
-    return VerifiedQuote(
-        quote_sha256=document.quote_sha256,
-        tcb_status="UpToDate",
-        advisory_ids=(),
-        report_data=runner_key_binding(document.hpke_public_keys, document.sign_pub),
-        mr_td=zero,
-        mr_config_id=zero,
-        mr_owner=zero,
-        mr_owner_config=zero,
-        mr_seam=zero,
-        rtmr0=zero,
-        rtmr1=zero,
-        rtmr2=zero,
-        rtmr3=_rtmr3(list(document.event_log)),
-        td_attributes=bytes(8),
-        tee_tcb_svn=bytes(16),
-    )
-
-
-class _AnyCollateral:
-    def collateral_for(self, quote: bytes, *, now: int) -> dict[str, Any]:
-        return {}
-
-
 ATTESTATION_TAMPERS: dict[
     str, tuple[Callable[[dict[str, Any], dict[str, Any]], None], type[HivemindError], str]
 ] = {
@@ -795,16 +724,16 @@ def test_tampered_attestation_document_is_refused_by_the_client(
 ) -> None:
     hm = hm_lambda
     trusted = "c0" * 32
-    genuine = _tdx_document(
+    genuine = tdx_document(
         HpkeKeyPair.generate(), b64encode(public_bytes(Ed25519PrivateKey.generate())), trusted
     )
-    older = _tdx_document(
+    older = tdx_document(
         HpkeKeyPair.generate(), b64encode(public_bytes(Ed25519PrivateKey.generate())), "0d" * 32
     )
-    quotes = {genuine.quote_sha256: _genuine_quote_for(genuine)}
+    quotes = {genuine.quote_sha256: genuine_quote_for(genuine)}
     # The "older build" was a genuine runner too: its own quote binds its own keys and log.
     older = older.model_copy(update={"quote": "cd" * 64})
-    quotes[older.quote_sha256] = _genuine_quote_for(older)
+    quotes[older.quote_sha256] = genuine_quote_for(older)
     monkeypatch.setattr(
         attestation_module,
         "verify_quote",
@@ -830,9 +759,9 @@ def test_tampered_attestation_document_is_refused_by_the_client(
     assert [runner["runner_id"] for runner in relayed] == [genuine.runner_id]
     served = AttestationDocument.model_validate(relayed[0]["document"])
     # The untampered document verifies: the refusal below is the tampering's doing.
-    verify_attestation(genuine, collateral=_AnyCollateral(), now=now, trust=trust, allow_simulated=False)
+    verify_attestation(genuine, collateral=AnyCollateral(), now=now, trust=trust, allow_simulated=False)
     with pytest.raises(error) as refused:
-        verify_attestation(served, collateral=_AnyCollateral(), now=now, trust=trust, allow_simulated=False)
+        verify_attestation(served, collateral=AnyCollateral(), now=now, trust=trust, allow_simulated=False)
     assert refused.value.code == code
 
 

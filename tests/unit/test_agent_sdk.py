@@ -500,16 +500,109 @@ def test_simulate_answer_with_both_output_and_error_is_a_protocol_error(fake: Fa
         make_bridge(fake, "scope").simulate({}, "p")
 
 
-def test_simulate_outside_scope_is_not_allowed_for_role(fake: FakeBridge) -> None:
+@pytest.mark.parametrize(
+    ("path", "call"),
+    [
+        ("/v1/simulate", lambda bridge: bridge.simulate({}, "p")),
+        ("/v1/policy/check", lambda bridge: bridge.check_policy({})),
+    ],
+    ids=["simulate", "check_policy"],
+)
+def test_scope_tools_outside_scope_are_not_allowed_for_role(fake: FakeBridge, path: str, call: Any) -> None:
     fake.on(
-        "POST",
-        "/v1/simulate",
-        Reply(403, {"error": "not_allowed_for_role", "message": "simulate is open to the scope stage only"}),
+        "POST", path, Reply(403, {"error": "not_allowed_for_role", "message": "open to the scope stage only"})
     )
     with pytest.raises(NotAllowedForRole, match="scope stage only") as caught:
-        make_bridge(fake, "query").simulate({}, "p")
+        call(make_bridge(fake, "query"))
     assert isinstance(caught.value, Denied)
-    assert caught.value.status == 403
+    assert (caught.value.code, caught.value.status) == ("not_allowed_for_role", 403)
+
+
+PEOPLE = {"tables": {"people": {"columns": ["department"], "where": None}}, "max_rows": 10}
+VERDICT = {
+    "valid": True,
+    "errors": [],
+    "policy": PEOPLE,
+    "widenings": [{"against": "data_policy", "message": "max_rows: 10 exceeds the bound's 5"}],
+    "narrower_than_room": False,
+    "within_room": {**PEOPLE, "max_rows": 5},
+    "added_by_a_newer_bridge": True,
+}
+
+
+def test_check_policy_sends_policy_and_bound_and_reads_the_verdict(fake: FakeBridge) -> None:
+    fake.on("POST", "/v1/policy/check", Reply(200, VERDICT))
+    bridge = make_bridge(fake, "scope")
+    check = bridge.check_policy({"tables": {"people": {"columns": ["department"]}}}, bound=PEOPLE)
+    assert (fake.last.method, fake.last.path) == ("POST", "/v1/policy/check")
+    assert fake.last.json() == {
+        "policy": {"tables": {"people": {"columns": ["department"]}}},
+        "bound": PEOPLE,
+    }
+    assert check.valid and check.errors == () and not check.narrower_than_room and not check.narrower
+    assert check.policy == PEOPLE and check.within_room == {**PEOPLE, "max_rows": 5}
+    assert [(w.against, w.message) for w in check.widenings] == [
+        ("data_policy", "max_rows: 10 exceeds the bound's 5")
+    ]
+    # The policies are the caller's own dicts, ready to change and post.
+    assert check.policy is not None and check.policy is not bridge.check_policy(PEOPLE).policy
+    bridge.check_policy(PEOPLE)
+    assert fake.last.json() == {"policy": PEOPLE, "bound": None}
+    context = Context(bridge, AgentInput.from_wire(INPUT_SCOPE_HIDDEN_PROMPT))
+    assert context.check_policy(PEOPLE, PEOPLE).within_room == {**PEOPLE, "max_rows": 5}
+    assert fake.last.json() == {"policy": PEOPLE, "bound": PEOPLE}
+
+
+def test_check_policy_reads_an_invalid_verdict(fake: FakeBridge) -> None:
+    invalid = {
+        "valid": False,
+        "errors": [
+            {"path": "tables.people.columns", "message": "no such column(s) email"},
+            {"path": "max_rows", "message": "Input should be greater than or equal to 0"},
+        ],
+        "policy": None,
+        "widenings": [],
+        "narrower_than_room": False,
+        "within_room": None,
+    }
+    fake.on("POST", "/v1/policy/check", Reply(200, invalid))
+    check = make_bridge(fake, "scope").check_policy({"max_rows": -1})
+    assert not check.valid and not check.narrower
+    assert (check.policy, check.within_room) == (None, None)
+    assert [str(problem) for problem in check.errors] == [
+        "tables.people.columns: no such column(s) email",
+        "max_rows: Input should be greater than or equal to 0",
+    ]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {**VERDICT, "policy": None},
+        {**VERDICT, "within_room": None},
+        {**VERDICT, "errors": [{"path": "x", "message": "y"}]},
+        {**VERDICT, "valid": False},
+        {**VERDICT, "valid": False, "policy": None, "within_room": None},
+        {**VERDICT, "policy": ["not", "an", "object"]},
+        {**VERDICT, "widenings": [{"against": "bound"}]},
+        {**VERDICT, "narrower_than_room": None},
+    ],
+    ids=["valid-no-policy", "valid-no-within", "valid-with-errors", "invalid-with-policy",
+         "invalid-no-errors", "policy-not-object", "widening-without-message", "no-room-flag"],
+)  # fmt: skip
+def test_check_policy_answer_that_breaks_the_contract(fake: FakeBridge, body: dict[str, Any]) -> None:
+    fake.on("POST", "/v1/policy/check", Reply(200, body))
+    with pytest.raises(ProtocolError, match="policy/check"):
+        make_bridge(fake, "scope").check_policy(PEOPLE)
+
+
+def test_check_policy_checks_its_arguments_before_sending(fake: FakeBridge) -> None:
+    bridge = make_bridge(fake, "scope")
+    with pytest.raises(TypeError, match="policy must be a mapping"):
+        bridge.check_policy('{"tables": {}}')  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="bound must be a mapping"):
+        bridge.check_policy({}, bound=[])  # type: ignore[arg-type]
+    assert fake.requests == []
 
 
 def test_log_sends_level_message_and_fields(fake: FakeBridge) -> None:

@@ -22,11 +22,13 @@ from hivemind_runner.bridge.server import BridgeServer
 from hivemind_runner.bridge.session import (
     ArtifactStore,
     BridgeLimits,
+    PolicyChecker,
     Simulator,
     StageOutput,
     StageServices,
     StageSession,
     StoredArtifact,
+    room_policy_checker,
 )
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "InvalidRequest",
     "McpEndpoint",
     "MethodNotAllowed",
+    "PolicyChecker",
     "SimulationLimit",
     "Simulator",
     "StageFinished",
@@ -47,6 +50,7 @@ __all__ = [
     "StoredArtifact",
     "Tool",
     "ToolCall",
+    "room_policy_checker",
     "tool_call_chain",
     "wire_error",
 ]

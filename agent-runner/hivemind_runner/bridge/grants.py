@@ -40,6 +40,7 @@ class Tool(StrEnum):
     LLM = "llm"
     ARTIFACT = "artifact"
     SIMULATE = "simulate"
+    POLICY_CHECK = "policy_check"
     LOG = "log"
 
 
@@ -47,8 +48,8 @@ _COMMON = frozenset({Tool.INPUT, Tool.OUTPUT, Tool.LLM, Tool.LOG})
 _DATA = frozenset({Tool.SCHEMA, Tool.SQL, Tool.ITEMS, Tool.ITEM})
 
 GRANTS: Mapping[Stage, frozenset[Tool]] = {
-    # Full read and simulate; never artifacts: the scope stage's only way out is its policy.
-    Stage.SCOPE: _COMMON | _DATA | {Tool.SIMULATE},
+    # Full read, simulate and policy checks; never artifacts: the scope stage's only way out is its policy.
+    Stage.SCOPE: _COMMON | _DATA | {Tool.SIMULATE, Tool.POLICY_CHECK},
     # Scoped tools and artifacts (when the room's egress allows them).
     Stage.QUERY: _COMMON | _DATA | {Tool.ARTIFACT},
     # No data at all: input, output, log (and the LLM when the room allows a provider).

@@ -182,6 +182,19 @@ TOOLS: tuple[McpTool, ...] = (
         lambda session, arguments, size: session.simulate(arguments, size),
     ),
     McpTool(
+        "check_policy",
+        Tool.POLICY_CHECK,
+        "The runner's verdict on a candidate ScopePolicy: valid for the room's data, what it allows beyond "
+        "bound (optional) and the room's data_policy, and what is left of it within the data_policy.",
+        {
+            "type": "object",
+            "properties": {"policy": {"type": "object"}, "bound": {"type": ["object", "null"]}},
+            "required": ["policy"],
+            "additionalProperties": False,
+        },
+        lambda session, arguments, size: session.check_policy(arguments, size),
+    ),
+    McpTool(
         "log",
         Tool.LOG,
         "A structured log line for the run's diagnostics (kept inside the TEE).",

@@ -272,6 +272,11 @@ def _simulate(handler: _Handler, path: str) -> _Result:
     return _ok(handler.server.bridge.session.simulate(body, size))
 
 
+def _policy_check(handler: _Handler, path: str) -> _Result:
+    body, size = handler.read_json()
+    return _ok(handler.server.bridge.session.check_policy(body, size))
+
+
 def _log(handler: _Handler, path: str) -> _Result:
     body, size = handler.read_json()
     return _ok(handler.server.bridge.session.log(body, size))
@@ -298,6 +303,7 @@ _ROUTES: dict[str, dict[str, Route]] = {
     "/v1/tools/items": {"GET": _items},
     "/v1/llm/chat/completions": {"POST": _llm},
     "/v1/simulate": {"POST": _simulate},
+    "/v1/policy/check": {"POST": _policy_check},
     "/v1/log": {"POST": _log},
     "/mcp": {"POST": _mcp, "GET": _mcp_other, "DELETE": _mcp_other},
 }

@@ -10,8 +10,8 @@ tools both call its operations, so both pass the same checks in the same order:
 4. the operation, against the stage's :class:`StageServices` only.
 
 Nothing here knows about the run's other stages: the pipeline hands a session exactly the database,
-LLM meter, simulator and artifact store its role may use (the query stage's database is built from the
-allowed projection only, and the session never sees the ScopePolicy, DESIGN §16.5-6).
+LLM meter, simulator, policy checker and artifact store its role may use (the query stage's database
+is built from the allowed projection only, and the session never sees the ScopePolicy, DESIGN §16.5-6).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ import os
 import re
 import secrets
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -33,6 +33,7 @@ from hivemind.admission import AdmissionChain, raise_for_decision
 from hivemind.envelope import MAX_PROMPT_CHARS
 from hivemind.errors import NotFound, PayloadTooLarge, RateLimited
 from hivemind.models import Stage, StrictModel
+from hivemind.policy import ScopePolicy, check_policy
 from pydantic import Field
 
 from hivemind_runner.bridge.errors import ArtifactExists, InvalidRequest, StageFinished
@@ -154,6 +155,23 @@ Simulator = Callable[[Mapping[str, Any], str], dict[str, Any]]
 """``(candidate policy, prompt) -> {"output": ..., "error": ...}``; raises ``InvalidPolicy`` or
 ``SimulationLimit``. Provided by the pipeline for the scope stage only."""
 
+PolicyChecker = Callable[[Mapping[str, Any], Mapping[str, Any] | None], dict[str, Any]]
+"""``(candidate policy, bound or None) -> the verdict`` (:class:`hivemind.policy.PolicyCheck` as JSON);
+raises ``InvalidPolicy``. Provided by the pipeline for the scope stage only (:func:`room_policy_checker`)."""
+
+
+def room_policy_checker(
+    schema: Mapping[str, Sequence[str]], data_policy: ScopePolicy | None
+) -> PolicyChecker:
+    """``POST /v1/policy/check`` for a room: the core's verdict (:func:`hivemind.policy.check_policy`)
+    against the full data's ``schema`` (table -> columns) and the room's ``data_policy``, the same
+    checks the policy the scope stage posts goes through."""
+
+    def check(candidate: Mapping[str, Any], bound: Mapping[str, Any] | None) -> dict[str, Any]:
+        return check_policy(candidate, schema, bound=bound, room_policy=data_policy).model_dump(mode="json")
+
+    return check
+
 
 @dataclass(frozen=True)
 class StageServices:
@@ -163,6 +181,7 @@ class StageServices:
     database: ScopedDatabase | None = None
     llm: RunLlm | None = None
     simulator: Simulator | None = None
+    policy_checker: PolicyChecker | None = None
     artifacts: ArtifactStore | None = None
     artifacts_allowed: bool = False
     llm_allowed: bool = False
@@ -212,6 +231,13 @@ def _string(body: Mapping[str, Any], key: str, where: str, *, max_chars: int) ->
         raise InvalidRequest(f"{where}: {key} must be a non-empty string")
     if len(value) > max_chars:
         raise InvalidRequest(f"{where}: {key} is longer than {max_chars} characters")
+    return value
+
+
+def _policy_object(body: Mapping[str, Any], key: str, where: str) -> dict[str, Any]:
+    value = body.get(key)
+    if not isinstance(value, dict):
+        raise InvalidRequest(f"{where}: {key} must be a JSON object (a ScopePolicy)")
     return value
 
 
@@ -397,13 +423,21 @@ class StageSession:
         self.admit(Tool.SIMULATE, request_bytes)
         where = "POST /v1/simulate"
         _only_fields(body, {"policy", "prompt"}, where)
-        policy = body.get("policy")
-        if not isinstance(policy, dict):
-            raise InvalidRequest(f"{where}: policy must be a JSON object (a ScopePolicy)")
+        policy = _policy_object(body, "policy", where)
         prompt = _string(body, "prompt", where, max_chars=MAX_PROMPT_CHARS)
         if self.services.simulator is None:
             raise NotFound("this stage cannot simulate")
         return self.services.simulator(policy, prompt)
+
+    def check_policy(self, body: Mapping[str, Any], request_bytes: int) -> dict[str, Any]:
+        self.admit(Tool.POLICY_CHECK, request_bytes)
+        where = "POST /v1/policy/check"
+        _only_fields(body, {"policy", "bound"}, where)
+        policy = _policy_object(body, "policy", where)
+        bound = None if body.get("bound") is None else _policy_object(body, "bound", where)
+        if self.services.policy_checker is None:
+            raise NotFound("this stage cannot check policies")
+        return self.services.policy_checker(policy, bound)
 
     def log(self, body: Mapping[str, Any], request_bytes: int) -> dict[str, Any]:
         self.admit(Tool.LOG, request_bytes)

@@ -25,6 +25,7 @@ from .models import (
     ChatCompletion,
     Item,
     ItemInfo,
+    PolicyCheck,
     Schema,
     SimulationResult,
     SqlResult,
@@ -228,6 +229,20 @@ class Bridge:
             raise ValueError("prompt must be a non-empty string")
         body = {"policy": dict(policy), "prompt": prompt}
         return SimulationResult.from_wire(self._transport.call("POST", "/v1/simulate", json_body=body))
+
+    def check_policy(self, policy: Mapping[str, Any], bound: Mapping[str, Any] | None = None) -> PolicyCheck:
+        """Scope stage only: the runner's verdict on a candidate ScopePolicy for this room's data.
+
+        Judged with the code the runner applies to the policy the stage posts: does it parse, does
+        the data have its tables and columns, what does it allow beyond ``bound`` (when given) and the
+        room's ``data_policy``, and what is left of it within the room's ``data_policy``.
+        """
+        if not isinstance(policy, Mapping):
+            raise TypeError("policy must be a mapping (a ScopePolicy as JSON)")
+        if bound is not None and not isinstance(bound, Mapping):
+            raise TypeError("bound must be a mapping (a ScopePolicy as JSON) or None")
+        body = {"policy": dict(policy), "bound": None if bound is None else dict(bound)}
+        return PolicyCheck.from_wire(self._transport.call("POST", "/v1/policy/check", json_body=body))
 
     def log(self, message: str, *, level: str = "info", **fields: Any) -> None:
         """A structured log line for the run's operator log (never part of the output)."""

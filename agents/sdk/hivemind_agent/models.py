@@ -324,3 +324,84 @@ class SimulationResult:
             error_code=string(error, "code", f"{where} error"),
             error_message=string(error, "message", f"{where} error"),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyProblem:
+    """Why a candidate policy is refused: the JSON path of the offending value and what is wrong."""
+
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}"
+
+
+@dataclass(frozen=True, slots=True)
+class Widening:
+    """One way a candidate allows more than ``against``: ``"bound"`` (the caller's) or ``"data_policy"``."""
+
+    against: str
+    message: str
+
+
+def _string_pairs(
+    body: Mapping[str, Any], key: str, fields: tuple[str, str], where: str
+) -> list[tuple[str, str]]:
+    """A list of objects with two string fields, as ``(first, second)`` tuples."""
+    label = f"{where} {key}[]"
+    records = [obj(raw, label) for raw in array(body, key, where)]
+    return [(string(record, fields[0], label), string(record, fields[1], label)) for record in records]
+
+
+def _policy_or_none(body: Mapping[str, Any], key: str, where: str) -> dict[str, Any] | None:
+    value = body.get(key)
+    # A fresh dict decoded from this answer: the caller may change it and post it.
+    return None if value is None else dict(obj(value, f"{where} {key}"))
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyCheck:
+    """The runner's verdict on a candidate ScopePolicy (``POST /v1/policy/check``, scope stage only).
+
+    ``valid``: it parses and names only tables and columns the room's data has (``errors`` says why
+    not). ``policy``: the candidate with every section written out. ``widenings``: against the bound
+    given, and against the room's ``data_policy`` when it sets one. ``narrower_than_room``: the runner
+    would accept it as the run's policy. ``within_room``: the candidate intersected with the room's
+    ``data_policy`` (the candidate itself when already narrower). Both policies are ``None`` unless
+    valid, and are plain dicts of this answer's own.
+    """
+
+    valid: bool
+    errors: tuple[PolicyProblem, ...]
+    policy: dict[str, Any] | None
+    widenings: tuple[Widening, ...]
+    narrower_than_room: bool
+    within_room: dict[str, Any] | None
+
+    @property
+    def narrower(self) -> bool:
+        """Valid, and allowing nothing the bound (when one was given) or the room's data_policy does not."""
+        return self.valid and not self.widenings
+
+    @classmethod
+    def from_wire(cls, value: Any) -> PolicyCheck:
+        where = "POST /v1/policy/check"
+        body = obj(value, where)
+        errors = [PolicyProblem(*pair) for pair in _string_pairs(body, "errors", ("path", "message"), where)]
+        widenings = [
+            Widening(*pair) for pair in _string_pairs(body, "widenings", ("against", "message"), where)
+        ]
+        check = cls(
+            valid=flag(body, "valid", where),
+            errors=tuple(errors),
+            policy=_policy_or_none(body, "policy", where),
+            widenings=tuple(widenings),
+            narrower_than_room=flag(body, "narrower_than_room", where),
+            within_room=_policy_or_none(body, "within_room", where),
+        )
+        if check.valid and (check.policy is None or check.within_room is None or check.errors):
+            raise ProtocolError(f"{where}: a valid policy comes back with policy and within_room, no errors")
+        if not check.valid and (check.policy is not None or not check.errors or check.narrower_than_room):
+            raise ProtocolError(f"{where}: an invalid policy comes back with errors only")
+        return check

@@ -14,7 +14,7 @@ from typing import Any, NoReturn, TextIO
 
 from .client import Bridge, Llm
 from .errors import BridgeError
-from .models import AgentInput, ArtifactRef, Item, ItemInfo, Schema, SimulationResult, SqlResult
+from .models import AgentInput, ArtifactRef, Item, ItemInfo, PolicyCheck, Schema, SimulationResult, SqlResult
 
 Output = str | Mapping[str, Any]
 Handler = Callable[["Context"], Output]
@@ -66,6 +66,9 @@ class Context:
 
     def simulate(self, policy: Mapping[str, Any], prompt: str) -> SimulationResult:
         return self._bridge.simulate(policy, prompt)
+
+    def check_policy(self, policy: Mapping[str, Any], bound: Mapping[str, Any] | None = None) -> PolicyCheck:
+        return self._bridge.check_policy(policy, bound)
 
     def log(self, message: str, *, level: str = "info", **fields: Any) -> None:
         self._bridge.log(message, level=level, **fields)

@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
-from hmctl.commands.common import JsonFlag, short
+from hmctl.commands.common import JsonFlag
 from hmctl.console import Ui
 from hmctl.devstack import environment
 from hmctl.devstack.demo import (
@@ -298,22 +298,26 @@ def _show_answer(ui: Ui, question: str, report: DemoReport) -> None:
     summary = report.receipt_summary()
     ui.out.print()
     ui.out.print(Panel(escape(report.answer.rstrip()), title=f"answer: {escape(question)}", expand=False))
-    table = Table(title="receipt", show_header=False, box=None, padding=(0, 2))
-    table.add_column(style="bold")
+    table = Table(title="receipt", title_justify="left", show_header=False, box=None, padding=(0, 2))
+    table.add_column(style="bold", no_wrap=True)
     table.add_column(overflow="fold")
     table.add_row("run id", escape(str(summary["run_id"])))
     table.add_row("manifest hash", escape(str(summary["manifest_hash"])))
     table.add_row("compose hash", escape(str(summary["compose_hash"])))
-    for agent in summary["agents"]:
-        image = f", image {short(agent['image_digest'], 24)}" if agent.get("image_digest") else ""
-        table.add_row(
-            f"{agent['stage']} agent",
-            escape(f"{agent['agent_id']}  source {agent['source_digest']}{image}"),
-        )
     table.add_row("scope policy hash", escape(str(summary["scope_policy_hash"])))
     table.add_row("output hash", escape(str(summary["output_sha256"])))
     table.add_row("signed by", escape(f"{summary['signer_pub']} (the attested runner key)"))
-    table.add_row(
-        "verified", "[bold green]yes[/bold green]" if summary["verified"] else "[bold red]NO[/bold red]"
-    )
+    verified = "[bold green]yes[/bold green]" if summary["verified"] else "[bold red]NO[/bold red]"
+    table.add_row("verified", verified)
     ui.out.print(table)
+    agents = Table(title="agents in the receipt", title_justify="left", header_style="bold")
+    for column in ("stage", "agent", "source digest", "image digest"):
+        agents.add_column(column, overflow="fold")
+    for agent in summary["agents"]:
+        agents.add_row(
+            escape(str(agent["stage"])),
+            escape(str(agent["agent_id"])),
+            escape(str(agent["source_digest"])),
+            escape(str(agent.get("image_digest") or "-")),
+        )
+    ui.out.print(agents)

@@ -4,7 +4,7 @@ failure.
 Checks, in order (a failed check skips the ones that need it):
 
 1. ``profile``: the profile exists, its file is private, its key parses;
-2. ``service``: ``GET /v1/healthz`` answers;
+2. ``service``: ``GET /v1/healthz`` answers (for a link-only profile and a ``ROOM`` link: the link's service);
 3. ``auth``: the profile's key (and, for ``ROOM`` given as a link or joined by one, the invite) is
    accepted (``GET /v1/whoami``);
 4. ``balance``: a tenant's available credit (zero is a warning: invite runs are paid by the room owner);
@@ -35,7 +35,15 @@ from hmctl.commands.common import JsonFlag, usd
 from hmctl.console import Ui
 from hmctl.errors import ExitCode, exit_code_for
 from hmctl.profiles import Profile, ProfileKind
-from hmctl.rooms import SIMULATED_HINT, FetchedRoom, RoomAccess, accept_command, fetch_room, room_access
+from hmctl.rooms import (
+    SIMULATED_HINT,
+    FetchedRoom,
+    RoomAccess,
+    accept_command,
+    fetch_room,
+    is_link,
+    room_access,
+)
 from hmctl.session import AppState, app_state
 from hmctl.verify import RunnerCheck, check_acceptance, check_runners, collateral_for
 
@@ -139,15 +147,15 @@ class Doctor:
         )
         return profile
 
-    def service(self, profile: Profile) -> bool:
+    def service(self, service: str) -> bool:
         try:
-            with self.client(profile.service, None) as api:
+            with self.client(service, None) as api:
                 health = api.get("/v1/healthz")
         except HivemindError as exc:
             fix = (
                 "start the local stack: hmctl dev up --background (see hmctl dev status)"
-                if is_loopback_service(profile.service)
-                else "check the service URL (hmctl profile show) and your network"
+                if is_loopback_service(service)
+                else "check the service URL (hmctl profile show, or the link) and your network"
             )
             self.add(_failed("service", exc, fix))
             return False
@@ -155,7 +163,7 @@ class Doctor:
             Check(
                 name="service",
                 status=Status.PASS,
-                detail=f"{profile.service} answers (version {health.get('version', '?')})",
+                detail=f"{service} answers (version {health.get('version', '?')})",
             )
         )
         return True
@@ -286,14 +294,14 @@ class Doctor:
         )
         return checks
 
-    def live_runners(self, profile: Profile) -> None:
+    def live_runners(self, profile: Profile, service: str) -> None:
         try:
-            with self.client(profile.service, None) as api:
+            with self.client(service, None) as api:
                 relayed = list(api.get("/v1/attestation").get("runners") or [])
         except HivemindError as exc:
             self.add(_failed("runners", exc, None))
             return
-        self.runners(profile, profile.service, relayed, name="runners", trust=None, fix_untrusted=None)
+        self.runners(profile, service, relayed, name="runners", trust=None, fix_untrusted=None)
 
     def room(self, profile: Profile, room: str) -> None:
         try:
@@ -367,6 +375,16 @@ class Doctor:
         )
 
 
+def _service_of(profile: Profile, room: str | None) -> str:
+    """The service to check: a link-only profile reaches rooms at their link's service."""
+    if profile.key is None and room is not None and is_link(room):
+        try:
+            return room_access(profile, room).service
+        except HivemindError:
+            return profile.service  # the room check reports the malformed link
+    return profile.service
+
+
 def run_checks(state: AppState, room: str | None) -> list[Check]:
     doctor = Doctor(state)
     profile = doctor.profile()
@@ -374,7 +392,8 @@ def run_checks(state: AppState, room: str | None) -> list[Check]:
     if profile is None:
         doctor.skip(*later, because="no usable profile")
         return doctor.checks
-    if not doctor.service(profile):
+    service = _service_of(profile, room)
+    if not doctor.service(service):
         doctor.skip(*later[1:], because="the service does not answer")
         return doctor.checks
     me = doctor.auth(profile)
@@ -382,7 +401,7 @@ def run_checks(state: AppState, room: str | None) -> list[Check]:
         doctor.skip("balance", because="the key is not accepted")
     else:
         doctor.balance(profile)
-    doctor.live_runners(profile)
+    doctor.live_runners(profile, service)
     if room:
         doctor.room(profile, room)
     return doctor.checks

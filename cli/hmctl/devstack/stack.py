@@ -10,8 +10,8 @@
 4. ``api`` (``python -m hivemind_functions.local``): the API app with its settle worker and janitor;
    the runner fee is set through the admin API (which also proves the admin key works);
 5. ``runner`` (``python -m hivemind_runner``): simulated TEE, the Docker backend when an engine answers
-   (building the agent base image if it is missing), else the process backend; ready once its
-   attestation document is served by ``GET /v1/attestation``;
+   (building the agent base image if it is missing or older than the agent SDK), else the process
+   backend; ready once its attestation document is served by ``GET /v1/attestation``;
 6. the admin profile, written by the caller's ``write_admin_profile``.
 
 Each started process is recorded in the state file before the next step, so ``down`` can stop a stack
@@ -190,9 +190,22 @@ class DevStack:
         if not answers:
             say("no Docker engine answers: the runner uses the process backend")
             return RunnerBackend.PROCESS
-        if not environment.docker_image_exists(environment.AGENT_BASE_IMAGE):
-            say(f"building the agent base image {environment.AGENT_BASE_IMAGE} (once per machine)")
-            environment.build_base_image()
+        # The script rebuilds only when the image is missing or older than the agent SDK it carries
+        # (agents built on a stale base would lack SDK changes); otherwise it returns in a moment.
+        image = environment.AGENT_BASE_IMAGE
+        exists = environment.docker_image_exists(image)
+        try:
+            environment.find_repo()
+        except DevStackError:
+            if not exists:
+                raise
+            say(f"using the existing {image} (no source tree to check it against; see HMCTL_REPO)")
+            return RunnerBackend.DOCKER
+        if exists:
+            say(f"checking that the agent base image {image} is up to date")
+        else:
+            say(f"building the agent base image {image} (once per machine)")
+        environment.build_base_image()
         return RunnerBackend.DOCKER
 
     # --- down ----------------------------------------------------------------------------------

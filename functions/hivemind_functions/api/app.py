@@ -19,7 +19,7 @@ API_TITLE = "Hivemind rooms API"
 OPENAPI_PATH = "/v1/openapi.json"
 
 # Routers in the order their routes are documented. Each module exposes ``router: APIRouter``.
-ROUTER_MODULES = ("system", "signup", "rooms", "agents", "runs", "billing", "admin")
+ROUTER_MODULES = ("system", "signup", "tenant", "rooms", "agents", "runs", "billing", "admin")
 
 _ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": description}

@@ -20,7 +20,8 @@ Who may do what:
 from __future__ import annotations
 
 from collections import defaultdict
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
@@ -36,7 +37,7 @@ from hivemind.errors import (
     RevisionRollback,
     SignatureError,
 )
-from hivemind.manifest import AgentRef, RoomManifest, SignedManifest, verify_manifest
+from hivemind.manifest import AgentRef, RoomManifest, SignedKeyRotation, SignedManifest, verify_manifest
 from hivemind.models import Budgets, QueryMode
 from hivemind.store import Store
 from hivemind.store.agents import AgentState
@@ -64,6 +65,8 @@ class VerifiedRoom:
     record: RoomRecord
     signed: SignedManifest
     role: RoomRole
+    # The owner's key-rotation certificates: readers that pinned an older owner key follow them.
+    rotations: tuple[SignedKeyRotation, ...] = field(default=())
 
     @property
     def room_id(self) -> str:
@@ -95,7 +98,8 @@ def pinned_owner_sign_pub(store: Store, room_id: str) -> str:
     """The owner key the room was created with, from the first event of its hash-chained audit log.
 
     Trust updates may not change ``owner_sign_pub``, and a tenant key rotation re-registers the
-    tenant's public keys, so the pin comes from the room's creation, not from the tenant record.
+    tenant's public keys, so the pin comes from the room's creation, not from the tenant record; a
+    rotated room is signed by a later key that the owner's certificates lead to from this one.
     """
     page = store.audit.list_events(room_id, limit=1)
     first = page.items[0] if page.items else None
@@ -107,11 +111,22 @@ def pinned_owner_sign_pub(store: Store, room_id: str) -> str:
     return key
 
 
-def verify_stored_room(store: Store, record: RoomRecord) -> SignedManifest:
-    """Re-verify an active room's stored envelope; raise 409 ``manifest_invalid``/``signature_invalid``.
+def owner_key_rotations(store: Store, tenant_id: str) -> tuple[SignedKeyRotation, ...]:
+    """The key-rotation certificates of a room owner, oldest first (none for an unknown tenant)."""
+    tenant = store.tenants.get(tenant_id)
+    return tuple(tenant.key_rotations) if tenant is not None else ()
+
+
+def verify_stored_room(
+    store: Store, record: RoomRecord, *, rotations: Sequence[SignedKeyRotation] | None = None
+) -> SignedManifest:
+    """Re-verify an active room's stored envelope; raise 409 ``manifest_invalid``/``signature_invalid``
+    (``key_rotation_invalid`` for a certificate chain that is forged, forked or broken).
 
     Checks: the envelope parses; its hash and signature verify; it is signed by the key the room was
-    created with, is for this room and this owner; and it is exactly the revision and hash the row says.
+    created with, or by a key the owner rotated to from it (``rotations``: the owner's certificates,
+    read from the tenant record when not given and needed); it is for this room and this owner; and it
+    is exactly the revision and hash the row says.
     """
     room_id = record.room_id
     try:
@@ -123,11 +138,15 @@ def verify_stored_room(store: Store, record: RoomRecord) -> SignedManifest:
             error = exc.errors()[0]
             where = ".".join(str(part) for part in error["loc"]) or "$"
             raise ManifestError(f"not a valid signed manifest: {where}: {error['msg']}") from None
+        pinned = pinned_owner_sign_pub(store, room_id)
+        if rotations is None and signed.manifest.owner_sign_pub != pinned:
+            rotations = owner_key_rotations(store, record.tenant_id)
         manifest = verify_manifest(
             signed,
-            expected_owner_sign_pub=pinned_owner_sign_pub(store, room_id),
+            expected_owner_sign_pub=pinned,
             expected_room_id=room_id,
             min_revision=record.revision,
+            rotations=rotations or (),
         )
         if manifest.revision != record.revision or signed.manifest_hash != record.manifest_hash:
             raise ManifestError(
@@ -181,8 +200,12 @@ def load_room(store: Store, caller: Caller, room_id: str, *, owner_only: bool = 
         raise room_deleted(record)
     if owner_only and role is not RoomRole.OWNER:
         raise Forbidden(f"only the owner of room {room_id} may do this", code="owner_only")
-    signed = verify_stored_room(store, record)
-    return VerifiedRoom(record=record, signed=signed, role=role)
+    if role is RoomRole.OWNER and caller.tenant is not None:
+        rotations = tuple(caller.tenant.key_rotations)  # read when the caller authenticated
+    else:
+        rotations = owner_key_rotations(store, record.tenant_id)
+    signed = verify_stored_room(store, record, rotations=rotations)
+    return VerifiedRoom(record=record, signed=signed, role=role, rotations=rotations)
 
 
 # --- agents a manifest references ------------------------------------------------------------------
@@ -316,7 +339,9 @@ def create_room(services: Services, caller: Caller, signed: SignedManifest, owne
             },
         )
     store.rooms.put_wrap(wrap)
-    return VerifiedRoom(record=record, signed=signed, role=RoomRole.OWNER)
+    return VerifiedRoom(
+        record=record, signed=signed, role=RoomRole.OWNER, rotations=tuple(tenant.key_rotations)
+    )
 
 
 def _wrap_record(room_id: str, bearer_id: str, wrapped: str, now: int) -> RoomWrap:
@@ -400,7 +425,7 @@ def update_trust(services: Services, caller: Caller, room_id: str, signed: Signe
         },
     )
     return TrustUpdate(
-        room=VerifiedRoom(record=record, signed=signed, role=RoomRole.OWNER),
+        room=VerifiedRoom(record=record, signed=signed, role=RoomRole.OWNER, rotations=current.rotations),
         previous_revision=previous.revision,
         warnings=warnings,
     )

@@ -19,6 +19,7 @@ from hivemind.errors import (
     InvalidInput,
     KeyRotationError,
     ManifestError,
+    PayloadTooLarge,
     SignatureError,
 )
 from hivemind.manifest import (
@@ -34,7 +35,7 @@ from hivemind.store import Store
 from hivemind.store.audit import AuditKind
 from hivemind.store.credentials import CredentialKind, CredentialRecord
 from hivemind.store.rooms import RoomRecord, RoomWrap
-from hivemind.store.tenants import ProviderKey, ResignedRoom, TenantRecord
+from hivemind.store.tenants import MAX_ROTATION_ROOMS, ProviderKey, ResignedRoom, TenantRecord
 from hivemind.tokens import random_id
 from pydantic import ValidationError
 
@@ -116,8 +117,6 @@ class KeyRotationResult:
     tenant_id: str
     token_id: str
     rooms: list[str]
-    # False when the request repeated a rotation that had already been applied.
-    applied_now: bool
 
 
 def rotate_owner_key(
@@ -173,6 +172,12 @@ def rotate_owner_key(
         raise Conflict("the new key is already registered; make a new secret", code="key_already_registered")
 
     active = _active_rooms(store, tenant.tenant_id)
+    if len(active) > MAX_ROTATION_ROOMS:
+        raise PayloadTooLarge(
+            f"a key rotation re-signs every room in one atomic write, which holds at most "
+            f"{MAX_ROTATION_ROOMS} rooms; you have {len(active)}: delete the rooms you no longer need first",
+            code="rotation_too_large",
+        )
     missing = sorted(set(active) - set(offered))
     unknown = sorted(set(offered) - set(active))
     if missing or unknown:
@@ -208,7 +213,6 @@ def rotate_owner_key(
         tenant_id=tenant.tenant_id,
         token_id=new_auth_hash[:16],
         rooms=[room.room_id for room in resigned],
-        applied_now=True,
     )
 
 
@@ -310,13 +314,14 @@ def _already_rotated(
         )
     store = services.store
     rotation = certificate.rotation
+    owned: list[str] = []
     for room_id, room in offered.items():
         record = store.rooms.get(room_id)
-        if (
-            record is not None
-            and record.tenant_id == tenant.tenant_id
-            and record.manifest_hash == room.signed_manifest.manifest_hash
-            and not _rotation_audited(store, room_id, record.manifest_hash)
+        if record is None or record.tenant_id != tenant.tenant_id:
+            continue
+        owned.append(room_id)
+        if record.manifest_hash == room.signed_manifest.manifest_hash and not _rotation_audited(
+            store, room_id, record.manifest_hash
         ):
             _audit_rotation(
                 store,
@@ -326,9 +331,7 @@ def _already_rotated(
                 manifest_hash=record.manifest_hash,
                 previous_manifest_hash=None,
             )
-    return KeyRotationResult(
-        tenant_id=tenant.tenant_id, token_id=new_auth_hash[:16], rooms=sorted(offered), applied_now=False
-    )
+    return KeyRotationResult(tenant_id=tenant.tenant_id, token_id=new_auth_hash[:16], rooms=sorted(owned))
 
 
 def _rotation_audited(store: Store, room_id: str, manifest_hash: str) -> bool:

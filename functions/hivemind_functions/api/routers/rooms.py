@@ -6,11 +6,12 @@ Every route re-verifies the room's stored signed manifest before doing anything 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query
 from hivemind.errors import IntegrityError, InvalidInput
-from hivemind.manifest import SignedManifest
+from hivemind.manifest import SignedKeyRotation, SignedManifest
 from hivemind.models import Budgets, Identifier, Sha256Hex, StrictModel, UnixSeconds, Visibility
 from hivemind.store.audit import AuditEntry, AuditKind
 from hivemind.store.blobs import MAX_PRESIGNED_UPLOAD, PresignedUpload
@@ -50,6 +51,10 @@ class RoomView(StrictModel):
     revision: int
     manifest_hash: Sha256Hex
     signed_manifest: SignedManifest
+    owner_key_rotations: list[SignedKeyRotation] = Field(
+        description="the owner's key-rotation certificates, oldest first: a reader that pinned an older "
+        "owner key (an invite link, an accepted manifest) follows them to the key that signed this manifest"
+    )
     created_at: UnixSeconds
     updated_at: UnixSeconds
 
@@ -235,6 +240,7 @@ def room_view(room: VerifiedRoom) -> RoomView:
         revision=record.revision,
         manifest_hash=record.manifest_hash,
         signed_manifest=room.signed,
+        owner_key_rotations=list(room.rotations),
         created_at=record.created_at,
         updated_at=record.updated_at,
     )
@@ -271,7 +277,12 @@ def item_view(item: RoomItem) -> ItemView:
     )
 
 
-def _summary(services: ServicesDep, record: RoomRecord, role: RoomRole) -> RoomSummary:
+def _summary(
+    services: ServicesDep,
+    record: RoomRecord,
+    role: RoomRole,
+    rotations: Sequence[SignedKeyRotation] | None = None,
+) -> RoomSummary:
     base: dict[str, Any] = {
         "room_id": record.room_id,
         "revision": record.revision,
@@ -281,7 +292,7 @@ def _summary(services: ServicesDep, record: RoomRecord, role: RoomRole) -> RoomS
         "updated_at": record.updated_at,
     }
     try:
-        signed = service.verify_stored_room(services.store, record)
+        signed = service.verify_stored_room(services.store, record, rotations=rotations)
     except IntegrityError as exc:
         problem = IntegrityProblem(error=exc.code, message=exc.message)
         return RoomSummary(status="invalid", name=None, integrity_error=problem, **base)
@@ -307,8 +318,10 @@ def list_rooms(
             raise service.room_deleted(record)
         return RoomList(rooms=[_summary(services, record, role)])
     page = store.rooms.list_by_tenant(caller.require_tenant_id(), cursor=cursor, limit=limit)
+    rotations = caller.tenant.key_rotations if caller.tenant is not None else None
     return RoomList(
-        rooms=[_summary(services, record, RoomRole.OWNER) for record in page.items], cursor=page.cursor
+        rooms=[_summary(services, record, RoomRole.OWNER, rotations) for record in page.items],
+        cursor=page.cursor,
     )
 
 

@@ -1,22 +1,25 @@
-"""The policy block of a room's rules (docs/rules.md): find the one fenced `policy` block, load its YAML.
+"""The policy block of a room's rules (docs/rules.md): find the one fenced ``policy`` block, load it.
 
 A room's rules are Markdown for humans. They may hold exactly one fenced code block whose info string
 starts with ``policy``; its body is a ScopePolicy written in YAML (JSON is valid YAML too). The
 manifest carries two texts, ``rules`` and ``policy``: both are searched, and together they may hold at
 most one policy block.
 
-Shared by default-scope and default-mediator. Each agent directory is its own image build context, so
-the file is copied into both; tests/agents/test_rules_block.py checks that the copies are identical.
-Standard library and PyYAML only (the agent base image provides both).
+Finding blocks is standard library only. Loading a block's YAML needs PyYAML, which the agent base
+image provides (``python3-yaml``); it is imported only when a block is loaded, so the SDK itself stays
+dependency-free, and without PyYAML :func:`load_policy_block` raises :class:`YamlUnavailable`.
+
+This module reads the format, it does not judge the policy: whether a loaded block is a valid
+ScopePolicy for the room's data, and how it compares with another policy, is the runner's call
+(``Bridge.check_policy``, the same code the runner applies to the policy a scope stage posts).
 """
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 from typing import Any
-
-import yaml
 
 POLICY_TAG = "policy"
 # A policy is a few dozen lines; a bound keeps a hostile rules text from costing real time in YAML.
@@ -28,6 +31,10 @@ _FENCE_OPEN = re.compile(r"^( {0,3})(`{3,}|~{3,})[ \t]*([^\n]*)$")
 
 class RulesError(ValueError):
     """The rules text breaks the rules format. The message names the text, the line and the problem."""
+
+
+class YamlUnavailable(ImportError):
+    """PyYAML is not installed, so a policy block cannot be loaded (the agent base image has it)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,11 +99,75 @@ def find_policy_block(rules: str, policy: str = "") -> FencedBlock | None:
     return found[0] if found else None
 
 
-def load_policy_block(rules: str, policy: str = "") -> tuple[FencedBlock, dict[str, Any]] | None:
-    """The policy block and its YAML as a mapping, or None when there is no block.
+def _not_json(data: Any) -> str | None:
+    """Where ``data`` holds something JSON cannot carry, or a YAML alias; None when it is plain JSON."""
+    seen: set[int] = set()
+    stack: list[tuple[Any, str]] = [(data, "the top level")]
+    while stack:
+        value, path = stack.pop()
+        if isinstance(value, dict | list):
+            # PyYAML builds an alias (*name) as the same object again: refused, because a few nested
+            # aliases expand to more values than any policy has (and no policy needs one).
+            if id(value) in seen:
+                return f"a YAML alias at {path}"
+            seen.add(id(value))
+            if isinstance(value, list):
+                stack += [(item, f"{path}[{index}]") for index, item in enumerate(value)]
+                continue
+            for key, item in value.items():
+                if not isinstance(key, str):
+                    return f"the non-text key {key!r} at {path}"
+                stack.append((item, key if path == "the top level" else f"{path}.{key}"))
+        elif isinstance(value, float) and not math.isfinite(value):
+            return f"the number {value} at {path}"
+        elif value is not None and not isinstance(value, str | int | float | bool):
+            return f"a {type(value).__name__} at {path}"
+    return None
 
-    Raises :class:`RulesError` for two blocks, an oversized or empty block, YAML that does not parse,
-    or YAML whose top level is not a mapping.
+
+def _meta_as_text(rule: Any) -> Any:
+    if not (isinstance(rule, dict) and isinstance(rule.get("meta"), dict)):
+        return rule
+    meta = {
+        key: str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+        for key, value in rule["meta"].items()
+    }
+    return {**rule, "meta": meta}
+
+
+def _with_conveniences(data: dict[str, Any]) -> dict[str, Any]:
+    """The format's two conveniences (docs/rules.md), applied only where the shape is as expected:
+    aggregate function names in any case, and integer item metadata values as the text they look like.
+    Anything else is left as written, for the runner to judge."""
+    result = dict(data)
+    aggregate = result.get("aggregate")
+    if isinstance(aggregate, dict) and isinstance(aggregate.get("functions"), list):
+        functions = [name.upper() if isinstance(name, str) else name for name in aggregate["functions"]]
+        result["aggregate"] = {**aggregate, "functions": functions}
+    items = result.get("items")
+    if isinstance(items, dict) and isinstance(items.get("allow"), list):
+        result["items"] = {**items, "allow": [_meta_as_text(rule) for rule in items["allow"]]}
+    return result
+
+
+def _yaml() -> Any:
+    try:
+        import yaml  # noqa: PLC0415  (optional: only loading a block needs it)
+    except ImportError:
+        raise YamlUnavailable(
+            "loading a rules policy block needs PyYAML: the Hivemind agent base image ships it "
+            "(python3-yaml); elsewhere install it (pip install 'hivemind-agent[rules]')"
+        ) from None
+    return yaml
+
+
+def load_policy_block(rules: str, policy: str = "") -> tuple[FencedBlock, dict[str, Any]] | None:
+    """The policy block and its ScopePolicy as JSON data, or None when there is no block.
+
+    The data is the block's YAML, which must be plain JSON values (no dates, binary, sets, non-text
+    keys or aliases), with the format's two conveniences applied. Raises :class:`RulesError` for two
+    blocks, an oversized or empty block, YAML that does not parse or is not a mapping of JSON values;
+    :class:`YamlUnavailable` when PyYAML is missing.
     """
     block = find_policy_block(rules, policy)
     if block is None:
@@ -105,6 +176,7 @@ def load_policy_block(rules: str, policy: str = "") -> tuple[FencedBlock, dict[s
         raise RulesError(f"{block.where}: the policy block is longer than {MAX_BLOCK_CHARS} characters")
     if not block.body.strip():
         raise RulesError(f"{block.where}: the policy block is empty (write {{}} for the strictest policy)")
+    yaml = _yaml()
     try:
         data = yaml.safe_load(block.body)
     except yaml.MarkedYAMLError as exc:
@@ -122,4 +194,7 @@ def load_policy_block(rules: str, policy: str = "") -> tuple[FencedBlock, dict[s
             f"{block.where}: the policy block must be a mapping (tables:, aggregate:, ...), "
             f"not {type(data).__name__}"
         )
-    return block, data
+    problem = _not_json(data)
+    if problem is not None:
+        raise RulesError(f"{block.where}: the policy block holds {problem}, which a JSON policy cannot carry")
+    return block, _with_conveniences(data)

@@ -1,16 +1,19 @@
-"""The rules format (docs/rules.md): finding the one `policy` block in Markdown and loading its YAML."""
+"""The rules format in the SDK (``hivemind_agent.rules``, docs/rules.md): finding the one `policy` block
+in Markdown and loading its YAML as JSON data, which the default scope agent and mediator both read."""
 
 from __future__ import annotations
 
+import sys
+
 import pytest
-from conftest import AGENT_DIRS
-from rules_block import MAX_BLOCK_CHARS, RulesError, fenced_blocks, find_policy_block, load_policy_block
-
-
-def test_the_scope_and_mediator_copies_are_identical() -> None:
-    scope = (AGENT_DIRS["scope"] / "rules_block.py").read_bytes()
-    mediator = (AGENT_DIRS["mediator"] / "rules_block.py").read_bytes()
-    assert scope == mediator, "agents/default-*/rules_block.py drifted apart: copy one over the other"
+from hivemind_agent.rules import (
+    MAX_BLOCK_CHARS,
+    RulesError,
+    YamlUnavailable,
+    fenced_blocks,
+    find_policy_block,
+    load_policy_block,
+)
 
 
 def test_fenced_blocks_reads_backticks_tildes_tags_and_lines() -> None:
@@ -95,3 +98,48 @@ def test_unusable_blocks_are_refused(body: str, message: str) -> None:
 def test_yaml_tags_that_build_objects_are_refused() -> None:
     with pytest.raises(RulesError, match="not valid YAML"):
         load_policy_block("```policy\nx: !!python/object/apply:os.system ['true']\n```")
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("created: 2024-01-01", r"holds a date at created, which a JSON policy cannot carry"),
+        ("items:\n  allow: [{meta: {day: 2024-01-01}}]", r"a date at items\.allow\[0\]\.meta\.day"),
+        ("output: {deny: !!binary aGk=}", r"a bytes at output\.deny"),
+        ("tables: {1: {columns: [a]}}", r"the non-text key 1 at tables"),
+        ("max_rows: .inf", r"the number inf at max_rows"),
+        ("output: {deny: !!set {a: null}}", r"a set at output\.deny"),
+        (
+            "a: &x [p, q]\nb: [*x, *x, *x]",
+            r"rules line 1: the policy block holds a YAML alias at b\[\d\]",
+        ),
+    ],
+)
+def test_values_json_cannot_carry_and_aliases_are_refused(body: str, message: str) -> None:
+    with pytest.raises(RulesError, match=message):
+        load_policy_block(f"```policy\n{body}\n```\n")
+
+
+def test_the_two_yaml_conveniences_apply_where_the_shape_is_expected() -> None:
+    _, data = load_policy_block(
+        "```policy\naggregate:\n  functions: [count, Avg, 7]\nitems:\n  allow:\n"
+        "    - meta: {year: 2024, kind: memo, draft: true}\n    - id: item_a1\n```"
+    ) or (None, None)
+    assert data == {
+        "aggregate": {"functions": ["COUNT", "AVG", 7]},
+        "items": {"allow": [{"meta": {"year": "2024", "kind": "memo", "draft": True}}, {"id": "item_a1"}]},
+    }
+    # Anything else stays as written, for the runner to judge.
+    _, data = load_policy_block("```policy\naggregate: [count]\nitems: {allow: memo}\n```") or (None, None)
+    assert data == {"aggregate": ["count"], "items": {"allow": "memo"}}
+
+
+def test_without_pyyaml_finding_works_and_loading_says_what_is_missing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setitem(sys.modules, "yaml", None)  # makes `import yaml` raise ImportError
+    assert find_policy_block("```policy\nmax_rows: 1\n```") is not None
+    assert load_policy_block("no block here") is None
+    with pytest.raises(YamlUnavailable, match=r"needs PyYAML.*python3-yaml") as caught:
+        load_policy_block("```policy\nmax_rows: 1\n```")
+    assert isinstance(caught.value, ImportError)
