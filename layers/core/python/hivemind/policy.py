@@ -9,7 +9,9 @@ filters parse with sqlglot into an allow-listed predicate grammar that can refer
 names of their own table (listed or hidden: the runner filters before it projects), and regexes
 compile, are short, and avoid backtracking constructs that are cheap to recognise as catastrophic.
 :func:`parse_policy` is the boundary: it turns any failure into :class:`hivemind.errors.InvalidPolicy`
-with the JSON path of the offending value.
+with the JSON path of the offending value. :func:`check_policy` is the whole verdict on a candidate
+(valid for the data, widenings, :func:`intersect` with the room's bound): the runner answers the
+scope stage's ``POST /v1/policy/check`` with it, so agents never restate these rules.
 
 The query stage never receives a policy: it gets :func:`public_view` (tables, columns, aggregation
 rules, row cap), never the row filters or the redaction lists (§16.5).
