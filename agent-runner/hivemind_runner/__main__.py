@@ -25,14 +25,13 @@ from pydantic import ValidationError
 
 from hivemind_runner import __version__
 from hivemind_runner.attestation import AttestationPublisher, build_attestation
-from hivemind_runner.config import BackendChoice, RunnerSettings, host_runner_id
+from hivemind_runner.config import RunnerSettings, host_runner_id
 from hivemind_runner.images import AgentImageCache
 from hivemind_runner.keys import RunnerKeys
 from hivemind_runner.lifecycle import PipelineRunner, RunLifecycle
 from hivemind_runner.llm import LlmConfig, LlmGateway
 from hivemind_runner.pipeline import Pipeline
-from hivemind_runner.sandbox.docker_backend import DockerBackend
-from hivemind_runner.sandbox.process_backend import ProcessBackend
+from hivemind_runner.sandbox import select_backend
 from hivemind_runner.tee import DstackTee, SimulatedTee, TeeError, TeeProvider
 from hivemind_runner.telemetry import StructuredLogger, configure_logging
 from hivemind_runner.worker import RunWorker, WorkerSettings
@@ -155,16 +154,15 @@ class Runner:
 
 
 def build_pipeline(settings: RunnerSettings, keys: RunnerKeys, store: Store) -> PipelineRunner:
-    """The real pipeline: the configured sandbox backend, its image cache and the LLM gateway."""
-    backend: DockerBackend | ProcessBackend
-    if settings.backend is BackendChoice.DOCKER:
-        backend = DockerBackend()
-    elif settings.backend is BackendChoice.PROCESS:
-        backend = ProcessBackend()
-    else:
-        docker_backend = DockerBackend()
-        backend = docker_backend if docker_backend.available() else ProcessBackend()
-    gateway = LlmGateway(LlmConfig.from_env(), runner_keys=keys.hpke)
+    """The real pipeline: the configured sandbox backend, its image cache and the LLM gateway.
+
+    Payers' own provider keys (sealed to this runner, kept on the tenant record) take precedence over
+    the operator's keys for the runs they pay for.
+    """
+    backend = select_backend(settings.backend.value)
+    gateway = LlmGateway(
+        LlmConfig.from_env(), runner_keys=keys.hpke, tenant_keys=store.tenants.sealed_provider_keys
+    )
     return Pipeline(backend, AgentImageCache(backend), gateway)
 
 

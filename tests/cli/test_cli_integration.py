@@ -24,7 +24,6 @@ from hivemind.store.agents import AgentRecord
 from hivemind.store.bootstrap import create_all
 from hivemind.store.credentials import CredentialKind, CredentialRecord
 from hivemind.store.runners import RunnerRecord
-from hivemind.store.runs import RunResult
 from hivemind.store.schema import TableRole
 from hivemind.tokens import Secret, TokenKind
 from hivemind_functions.api.app import create_app
@@ -232,18 +231,19 @@ def test_admin_billing_verify_fails_on_a_broken_chain(real: Cli, store: Store) -
     assert failed.json()["ok"] is False and failed.json()["tenants_failed"] == 1
 
 
-@pytest.mark.skipif(
-    "sealed_output_keys" not in RunResult.model_fields,
-    reason="hivemind.store.runs.RunResult has no sealed_output_keys yet (the output route needs them)",
-)
 def test_ask_end_to_end_with_the_real_runner_lifecycle(
-    real: Cli, owner_room: dict[str, Any], runner: Any
+    real: Cli, owner_room: dict[str, Any], runner: Any, store: Store
 ) -> None:
+    # Runs are never free: without a runner-time price the admission chain refuses (price_missing).
+    store.prices.set_runner_fee(1, updated_by="test")
     worker = runner.worker()
     thread = threading.Thread(target=worker.serve, daemon=True)
     thread.start()
     try:
         real.signup("bob")
+        # Runs through an invite are paid by the room owner, who sponsors its invites.
+        owner = real.ok("--profile", "owner", "whoami", "--json")
+        store.billing.grant(owner["tenant_id"], 1_000_000)
         real.ok("--profile", "bob", "room", "accept", owner_room["link"], input="y\n")
         answer = real.ok("--profile", "bob", "room", "ask", owner_room["link"], "total by region?", "--json")
     finally:

@@ -234,7 +234,7 @@ def test_rotation_keeps_every_room_link_and_wrap_working(api, hm: Harness, store
     audit = api.get(f"/v1/rooms/{private.room_id}/audit", token=new.token).ok()
     assert audit["chain"]["valid"] is True
     last = audit["events"][-1]
-    assert last["kind"] == "trust_updated" and last["details"]["cause"] == "owner_key_rotation"
+    assert last["kind"] == "owner_key_rotated"
     assert last["details"]["manifest_hash"] == private.manifest_hash
     assert (last["details"]["old_owner_sign_pub"], last["details"]["new_owner_sign_pub"]) == (
         link_pin,
@@ -316,7 +316,7 @@ def test_a_retry_finishes_what_an_interrupted_rotation_left_out(
     answer = lambda_api.post(ROTATION, token=rotation.new.token, json=rotation.body).ok()
     assert answer["rooms"] == [room.room_id]
     events = list(store.audit.entries(room.room_id))
-    assert [event.kind.value for event in events] == ["room_created", "trust_updated"]
+    assert [event.kind.value for event in events] == ["room_created", "owner_key_rotated"]
     assert events[-1].details["manifest_hash"] == resigned.manifest_hash
     lambda_api.post(ROTATION, token=rotation.new.token, json=rotation.body).ok()
     assert len(list(store.audit.entries(room.room_id))) == 2

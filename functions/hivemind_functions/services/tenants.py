@@ -336,7 +336,7 @@ def _already_rotated(
 
 def _rotation_audited(store: Store, room_id: str, manifest_hash: str) -> bool:
     return any(
-        entry.kind is AuditKind.TRUST_UPDATED and entry.details.get("manifest_hash") == manifest_hash
+        entry.kind is AuditKind.OWNER_KEY_ROTATED and entry.details.get("manifest_hash") == manifest_hash
         for entry in store.audit.entries(room_id)
     )
 
@@ -350,13 +350,12 @@ def _audit_rotation(
     manifest_hash: str,
     previous_manifest_hash: str | None,
 ) -> None:
-    """A rotation is a new revision of every room: recorded as ``trust_updated`` with its cause."""
+    """A rotation is a new revision of every room, recorded as its own audit kind."""
     store.audit.append(
         room_id,
-        AuditKind.TRUST_UPDATED,
+        AuditKind.OWNER_KEY_ROTATED,
         actor=rotation.tenant_id,
         details={
-            "cause": "owner_key_rotation",
             "revision": revision,
             "manifest_hash": manifest_hash,
             "previous_manifest_hash": previous_manifest_hash,

@@ -28,6 +28,7 @@ _MAX_ATTEMPTS = 20
 class AuditKind(StrEnum):
     ROOM_CREATED = "room_created"
     TRUST_UPDATED = "trust_updated"
+    OWNER_KEY_ROTATED = "owner_key_rotated"
     INVITE_CREATED = "invite_created"
     INVITE_REVOKED = "invite_revoked"
     DATA_ADDED = "data_added"
