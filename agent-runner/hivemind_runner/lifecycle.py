@@ -27,13 +27,14 @@ import io
 import logging
 import re
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
 from hivemind.archive import extract_archive
-from hivemind.envelope import OUTPUT_KEY_BYTES, RunEnvelope, SealedEnvelope, open_run_envelope
+from hivemind.envelope import RunEnvelope, SealedEnvelope, open_agent_key, open_run_envelope
 from hivemind.errors import (
     Conflict,
     EnvelopeError,
@@ -48,7 +49,7 @@ from hivemind.keys import unwrap_dek
 from hivemind.manifest import AgentRef, RoomManifest, SignedManifest, manifest_hash, verify_manifest
 from hivemind.models import Budgets, ObjectKind, QueryMode, RunStatus, Stage, StageUsage, Visibility
 from hivemind.receipt import ReceiptAgent
-from hivemind.seal import SealContext, open_stream
+from hivemind.seal import SealContext, agent_source_context, open_stream
 from hivemind.store import Store
 from hivemind.store.agents import AgentRecord
 from hivemind.store.blobs import StoredObject
@@ -80,8 +81,6 @@ from hivemind_runner.telemetry import (
 )
 from hivemind_runner.workspace import RunWorkspace, WorkspaceFactory
 
-AGENT_KEY_INFO_PREFIX = b"hivemind-agent-v1|"
-SEALED_AGENT_NO_ROOM = "none"
 GAVE_UP = "runner_gave_up"
 _ERROR_CODE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 
@@ -266,10 +265,13 @@ class RunLifecycle:
         envelope = self._open_envelope(run, manifest)
         dek = self._room_key(run, envelope)
         phases.lap("envelope")
-        items = self._decrypt_items(manifest, dek, workspace)
-        phases.lap("decrypt")
-        agents = self._fetch_agents(manifest, envelope, workspace)
-        phases.lap("agents")
+        # The agents are fetched while the items are decrypted; both are finished before either's
+        # failure is reported (the items' first), so nothing writes into a workspace being wiped.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="agents") as pool:
+            fetching = pool.submit(self._fetch_agents, manifest, envelope, workspace)
+            items = self._decrypt_items(manifest, dek, workspace)
+            agents = fetching.result()
+        phases.lap("inputs")
         inputs = PipelineInputs(
             run_id=run.run_id,
             manifest=manifest,
@@ -456,27 +458,37 @@ class RunLifecycle:
     def _fetch_agents(
         self, manifest: RoomManifest, envelope: RunEnvelope, workspace: RunWorkspace
     ) -> dict[Stage, StageAgent]:
-        agents: dict[Stage, StageAgent] = {}
-        for stage, ref in self._stage_refs(manifest, envelope):
-            if isinstance(ref, AgentRef):
-                agent_id, visibility, pinned = ref.agent_id, ref.visibility, ref.digest
-                record = self._agent_record(agent_id)
-            else:
-                agent_id, visibility = ref, manifest.query.visibility
-                record = self._agent_record(agent_id)
-                if record.room_id != manifest.room_id:
-                    raise Forbidden(
-                        "the query agent was not uploaded for this room", code="query_agent_not_allowed"
-                    )
-                pinned = record.source_digest
-            if record.visibility is not visibility:
-                raise IntegrityError(
-                    "the agent's visibility is not the room's", code="agent_visibility_mismatch"
+        """Every stage's agent, fetched and checked concurrently (each is a few storage round trips).
+
+        A failure is reported for the first failing stage in pipeline order, after every fetch ended.
+        """
+        refs = self._stage_refs(manifest, envelope)
+        with ThreadPoolExecutor(max_workers=len(refs), thread_name_prefix="agent-fetch") as pool:
+            fetches = [
+                pool.submit(self._fetch_agent, manifest, stage, ref, workspace) for stage, ref in refs
+            ]
+            wait(fetches)
+        return {stage: fetch.result() for (stage, _), fetch in zip(refs, fetches, strict=True)}
+
+    def _fetch_agent(
+        self, manifest: RoomManifest, stage: Stage, ref: AgentRef | str, workspace: RunWorkspace
+    ) -> StageAgent:
+        if isinstance(ref, AgentRef):
+            agent_id, visibility, pinned = ref.agent_id, ref.visibility, ref.digest
+            record = self._agent_record(agent_id)
+        else:
+            agent_id, visibility = ref, manifest.query.visibility
+            record = self._agent_record(agent_id)
+            if record.room_id != manifest.room_id:
+                raise Forbidden(
+                    "the query agent was not uploaded for this room", code="query_agent_not_allowed"
                 )
-            if record.source_digest != pinned:
-                raise SourceDigestMismatch("the stored agent is not the source the room pins")
-            agents[stage] = self._extract_agent(stage, record, pinned, workspace)
-        return agents
+            pinned = record.source_digest
+        if record.visibility is not visibility:
+            raise IntegrityError("the agent's visibility is not the room's", code="agent_visibility_mismatch")
+        if record.source_digest != pinned:
+            raise SourceDigestMismatch("the stored agent is not the source the room pins")
+        return self._extract_agent(stage, record, pinned, workspace)
 
     def _agent_record(self, agent_id: str) -> AgentRecord:
         try:
@@ -492,12 +504,7 @@ class RunLifecycle:
         archive = workspace.scratch / f"{stage.value}-source.tar.gz"
         with archive.open("xb") as sink:
             if record.visibility is Visibility.SEALED:
-                context = SealContext(
-                    tenant_id=record.tenant_id,
-                    room_id=record.room_id or SEALED_AGENT_NO_ROOM,
-                    kind=ObjectKind.AGENT_SOURCE,
-                    object_id=record.agent_id,
-                )
+                context = agent_source_context(record.tenant_id, record.room_id, record.agent_id)
                 self._open_sealed_object(
                     record.source_object,
                     sink,
@@ -525,13 +532,9 @@ class RunLifecycle:
     def _agent_key(self, record: AgentRecord) -> bytes:
         if record.sealed_key is None:
             raise IntegrityError("a sealed agent has no key sealed to the runner", code="agent_key_missing")
-        agent_key = self._keys.open(
-            SealedEnvelope.model_validate(record.sealed_key),
-            info=AGENT_KEY_INFO_PREFIX + record.agent_id.encode(),
+        return open_agent_key(
+            self._keys.hpke, SealedEnvelope.model_validate(record.sealed_key), agent_id=record.agent_id
         )
-        if len(agent_key) != OUTPUT_KEY_BYTES:
-            raise EnvelopeError("a sealed agent key has the wrong length")
-        return agent_key
 
     def _check_result_agents(self, result: PipelineResult, agents: dict[Stage, StageAgent]) -> None:
         """The receipt may only name the agents this runner verified, with the digests it verified."""

@@ -10,9 +10,9 @@ process, which:
   usage afterwards;
 - meters usage per stage and per provider/model for the receipt and settlement;
 - holds every provider credential itself: the operator's key from configuration, or the payer
-  tenant's own key, sealed to the runner (HPKE, :func:`seal_provider_key`) and opened here when the
-  run needs it. A key never enters a container: it is only put in the ``Authorization`` header of
-  the outbound request, and scrubbed from anything the provider sends back.
+  tenant's own key, sealed to the runner (HPKE, :func:`hivemind.envelope.seal_provider_key`) and
+  opened here when the run needs it. A key never enters a container: it is only put in the
+  ``Authorization`` header of the outbound request, and scrubbed from anything the provider sends back.
 
 Requests pass through an allow-list of OpenAI chat-completion fields; fields that widen egress beyond
 the provider (web search plugins, provider routing overrides, non-function tools) are refused.
@@ -33,20 +33,18 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import httpx
-from hivemind.envelope import HpkeKeyPair, HpkePublicKeys, SealedEnvelope, open_sealed, seal_to
+from hivemind.envelope import HpkeKeyPair, SealedEnvelope, open_provider_key
 from hivemind.errors import EnvelopeError, HivemindError, InvalidInput
 from hivemind.models import Budgets, Stage, StrictModel
 from pydantic import Field, SecretStr, ValidationError, field_validator
 
 logger = logging.getLogger(__name__)
 
-PROVIDER_KEY_INFO_PREFIX = b"hivemind-provider-key-v1|"
 BUILTIN_BASE_URLS = {
     "openrouter": "https://openrouter.ai/api/v1",
     "tinfoil": "https://inference.tinfoil.sh/v1",
 }
 PROVIDERS_ENV = "HIVEMIND_LLM_PROVIDERS"
-MAX_API_KEY_CHARS = 4096
 MAX_MODEL_CHARS = 128
 # Rough bytes-per-token of JSON chat requests; used only to reserve budget before a call.
 _BYTES_PER_TOKEN = 4
@@ -204,36 +202,6 @@ class LlmConfig(StrictModel):
 
 
 # --- tenant keys sealed to the runner ----------------------------------------------------------------
-
-
-def provider_key_info(tenant_id: str, provider: str) -> bytes:
-    """HPKE info of a tenant's provider key: bound to the tenant and the provider it is for."""
-    if not tenant_id or not provider or "|" in tenant_id or "|" in provider:
-        raise InvalidInput("a provider key is bound to a non-empty tenant id and provider name")
-    return PROVIDER_KEY_INFO_PREFIX + tenant_id.encode() + b"|" + provider.encode()
-
-
-def seal_provider_key(
-    runner_keys: HpkePublicKeys, *, tenant_id: str, provider: str, api_key: str
-) -> SealedEnvelope:
-    """Client side: seal a tenant's own API key for ``provider`` to the runner's attested HPKE key."""
-    if not api_key or len(api_key) > MAX_API_KEY_CHARS:
-        raise InvalidInput(f"an API key is 1-{MAX_API_KEY_CHARS} characters")
-    return seal_to(runner_keys, api_key.encode(), info=provider_key_info(tenant_id, provider))
-
-
-def open_provider_key(keypair: HpkeKeyPair, *, tenant_id: str, provider: str, sealed_json: str) -> SecretStr:
-    """Runner side: open a tenant's sealed key. Another tenant's or provider's key, or a tampered one,
-    raises :class:`~hivemind.errors.EnvelopeError`."""
-    sealed = SealedEnvelope.from_json(sealed_json)
-    plaintext = open_sealed(keypair, sealed, info=provider_key_info(tenant_id, provider))
-    try:
-        key = plaintext.decode("utf-8")
-    except UnicodeDecodeError:
-        raise EnvelopeError("the sealed provider key is not text") from None
-    if not key or len(key) > MAX_API_KEY_CHARS or any(ord(char) < 0x21 or ord(char) > 0x7E for char in key):
-        raise EnvelopeError("the sealed provider key is not a printable token")
-    return SecretStr(key)
 
 
 TenantKeyLookup = Callable[[str], Mapping[str, str]]
@@ -572,13 +540,14 @@ class LlmGateway:
         if self._runner_keys is None:
             raise LlmProviderError("this runner cannot open tenant provider keys (no runner key configured)")
         try:
-            return open_provider_key(
-                self._runner_keys, tenant_id=tenant_id, provider=provider, sealed_json=sealed
+            api_key = open_provider_key(
+                self._runner_keys, SealedEnvelope.from_json(sealed), tenant_id=tenant_id, provider=provider
             )
         except EnvelopeError:
             raise LlmProviderError(
                 f"the payer's sealed key for {provider} does not open on this runner"
             ) from None
+        return SecretStr(api_key)
 
     def post(self, provider: ProviderConfig, api_key: SecretStr, body: dict[str, Any]) -> dict[str, Any]:
         """POST one chat completion; the parsed, key-scrubbed response or :class:`LlmProviderError`."""

@@ -210,43 +210,71 @@ class _StageRun:
 
 class _LiveStage:
     """One stage's sandbox on a thread of its own, so the run goes on as soon as the stage has posted
-    its answer: the container's exit, its removal and the bridge's shutdown then overlap the next
-    stage instead of delaying it. :meth:`join` waits for all of it (and ``cleanup``, which releases
-    what the stage's services held); the pipeline joins every stage before it returns, so no sandbox
-    outlives the run and usage and diagnostics are complete."""
+    its answer: the container's exit and removal then overlap the next stage instead of delaying it.
 
-    def __init__(self, stage: Stage, session: StageSession, *, name: str, cleanup: Callable[[], None]):
+    On the stage's thread, in order: the sandbox runs to its end (the container is gone) and its
+    bridge closes (the socket is gone); ``settle`` finishes what the stage's usage depends on (the
+    scope stage's simulations); the result is published (:meth:`join` returns it); ``release`` frees
+    what the stage's services held (its database; nothing can query it any more, as the session ended
+    when its output was accepted). The pipeline joins every stage before it returns, so no sandbox or
+    socket outlives the run and usage and diagnostics are complete.
+    """
+
+    def __init__(
+        self,
+        stage: Stage,
+        session: StageSession,
+        *,
+        name: str,
+        settle: Callable[[], None],
+        release: Callable[[], None],
+    ):
         self.stage = stage
         self.session = session
         self.name = name
-        self._cleanup = cleanup
-        self._done = threading.Event()
+        self._settle = settle
+        self._release = release
+        self._published = threading.Event()
         self._result: SandboxResult | None = None
         self._error: BaseException | None = None
 
-    def serve(self, run_sandbox: Callable[[], SandboxResult]) -> None:
-        """The thread's body: run the sandbox to its end, then clean up; errors are kept for join."""
+    def serve(self, run_sandbox: Callable[[Callable[[SandboxResult], None]], object]) -> None:
+        """The thread's body; ``run_sandbox`` calls :meth:`publish` once the sandbox and bridge ended."""
         try:
-            self._result = run_sandbox()
+            run_sandbox(self.publish)
         except BaseException as exc:
-            self._error = exc
+            self._fail(exc)
         finally:
             try:
-                self._cleanup()
+                self._release()
             except BaseException as exc:
-                if self._error is None:
-                    self._error = exc
-            self._done.set()
+                self._fail(exc)
+            self._published.set()
+
+    def publish(self, result: SandboxResult) -> None:
+        try:
+            self._settle()
+        except BaseException as exc:
+            self._error = exc
+        self._result = result
+        self._published.set()
+
+    def _fail(self, exc: BaseException) -> None:
+        if not self._published.is_set():
+            self._error = exc
+        else:
+            # The stage's result is in; closing its bridge or database afterwards failed.
+            logger.error("stage %s of a run failed to release: %s", self.stage.value, type(exc).__name__)
 
     def answer(self) -> StageOutput | None:
         """The stage's output as soon as the session accepted one; None if the sandbox ended without."""
-        while not self._done.is_set():
+        while not self._published.is_set():
             if self.session.finished.wait(_ANSWER_POLL_S) and self.session.output is not None:
                 return self.session.output
         return self.session.output
 
     def join(self) -> _StageRun:
-        self._done.wait()
+        self._published.wait()
         if self._error is not None:
             raise self._error
         assert self._result is not None
@@ -394,6 +422,7 @@ class _Run:
         self.simulation_runs: list[_StageRun] = []
         self.live: list[_LiveStage] = []
         self.phases = PhaseClock()
+        self.scoped = self.config.scoped
 
     @property
     def meter(self) -> RunLlm:
@@ -437,6 +466,7 @@ class _Run:
     def _stages(self) -> GatedOutput:
         self._check_agents()
         self._prepare_agents()
+        self.scoped = self._scoped_limits()
         self.items = self._scoped_items()
         self.llm = self.pipeline.llm_gateway.open_run(
             run_id=self.inputs.run_id,
@@ -532,6 +562,15 @@ class _Run:
                 )
             )
 
+    def _scoped_limits(self) -> ScopedLimits:
+        """The data engine's limits for this run: its databases and SQLite item copies are files of
+        the run's own tmpfs workspace (never TMPDIR), wiped with it."""
+        if self.config.scoped.workspace is not None:
+            return self.config.scoped
+        directory = self.inputs.workspace / "databases"
+        directory.mkdir(mode=0o700, exist_ok=True)
+        return self.config.scoped.model_copy(update={"workspace": directory})
+
     def _scoped_items(self) -> list[ScopedItem]:
         items = []
         for item in self.inputs.items:
@@ -601,21 +640,27 @@ class _Run:
         return _StageRun(session, self._run_sandbox(stage, session, timeout_s, cancel))
 
     def _launch(
-        self, stage: Stage, services: StageServices, timeout_s: int, *, cleanup: Callable[[], None]
+        self,
+        stage: Stage,
+        services: StageServices,
+        timeout_s: int,
+        *,
+        settle: Callable[[], None],
+        release: Callable[[], None],
     ) -> _LiveStage:
         """Start a stage's sandbox on its own thread; the run joins it before it ends."""
         session = self._session(stage, services, simulated=False)
-        live = _LiveStage(stage, session, name=stage.value, cleanup=cleanup)
+        live = _LiveStage(stage, session, name=stage.value, settle=settle, release=release)
         thread = threading.Thread(
             target=live.serve,
-            args=(lambda: self._run_sandbox(stage, session, timeout_s, None),),
+            args=(lambda publish: self._run_sandbox(stage, session, timeout_s, None, publish),),
             name=f"stage-{stage.value}-{self.inputs.run_id}",
             daemon=True,
         )
         try:
             thread.start()
         except BaseException:
-            cleanup()
+            release()
             raise
         self.live.append(live)
         return live
@@ -633,8 +678,14 @@ class _Run:
         return stage_answer(live.stage, output, Outcome.OK)
 
     def _run_sandbox(
-        self, stage: Stage, session: StageSession, timeout_s: int, cancel: threading.Event | None
+        self,
+        stage: Stage,
+        session: StageSession,
+        timeout_s: int,
+        cancel: threading.Event | None,
+        publish: Callable[[SandboxResult], None] | None = None,
     ) -> SandboxResult:
+        """Run the sandbox to its end and close its bridge; then ``publish`` gets the result."""
         with self._bridge(session) as socket_path:
             spec = SandboxSpec(
                 agent=self.prepared[stage],
@@ -651,10 +702,13 @@ class _Run:
             )
             watcher.start()
             try:
-                return self.pipeline.backend.run(spec, stop=stop)
+                result = self.pipeline.backend.run(spec, stop=stop)
             finally:
                 done.set()
                 watcher.join()
+        if publish is not None:
+            publish(result)
+        return result
 
     def _stop_after_output(
         self,
@@ -721,9 +775,11 @@ class _Run:
         services: StageServices,
         timeout_s: int,
         *,
-        cleanup: Callable[[], None] = lambda: None,
+        release: Callable[[], None] = lambda: None,
     ) -> StageOutput:
-        return self._await_answer(self._launch(stage, services, timeout_s, cleanup=cleanup))
+        return self._await_answer(
+            self._launch(stage, services, timeout_s, settle=lambda: None, release=release)
+        )
 
     def _input(
         self, role: Stage, *, prompt: str | None, schema: Any, timeout_s: int, **rest: Any
@@ -782,27 +838,25 @@ class _Run:
 
     def _scope_stage(self) -> ScopePolicy:
         self._begin(Stage.SCOPE)
-        timeout = self._stage_timeout(Stage.SCOPE)
+        self._stage_timeout(Stage.SCOPE)  # a stage without time left fails before loading anything
         try:
-            database = full_read_database(self.items, self.config.scoped)
+            database = full_read_database(self.items, self.scoped)
         except DataLoadError as exc:
             raise RunFailed(exc.code) from None
         self.phases.lap("scope_load")
         data_policy = self.manifest.data_policy
         scope_finished = threading.Event()
 
-        def wind_down() -> None:
+        def drain_simulations() -> None:
             # Simulations still running are stopped, and waited for so their usage is counted.
             scope_finished.set()
-            try:
-                with self.simulation_state:
-                    self.simulation_state.wait_for(
-                        lambda: self.active_simulations == 0, timeout=_SIMULATION_DRAIN_S
-                    )
-            finally:
-                database.close()
+            with self.simulation_state:
+                self.simulation_state.wait_for(
+                    lambda: self.active_simulations == 0, timeout=_SIMULATION_DRAIN_S
+                )
 
         try:
+            timeout = self._stage_timeout(Stage.SCOPE)  # what is left once the data is loaded
             schema = database.schema(role=Stage.SCOPE)
             services = StageServices(
                 input_document=self._input(
@@ -829,7 +883,9 @@ class _Run:
         except BaseException:
             database.close()
             raise
-        live = self._launch(Stage.SCOPE, services, timeout, cleanup=wind_down)
+        live = self._launch(
+            Stage.SCOPE, services, timeout, settle=drain_simulations, release=database.close
+        )
         try:
             output = self._await_answer(live)
         finally:
@@ -877,7 +933,7 @@ class _Run:
                 "error": {"code": "timeout", "message": "the scope stage has no time left"},
             }
         try:
-            database = build_scoped_database(self.items, policy, self.config.scoped)
+            database = build_scoped_database(self.items, policy, self.scoped)
         except DataLoadError as exc:
             return {"output": None, "error": {"code": exc.code, "message": exc.message}}
         with database, tempfile.TemporaryDirectory(dir=self.inputs.workspace) as scratch:
@@ -935,9 +991,9 @@ class _Run:
 
     def _query_stage(self, policy: ScopePolicy) -> StageOutput:
         self._begin(Stage.QUERY)
-        timeout = self._stage_timeout(Stage.QUERY)
+        self._stage_timeout(Stage.QUERY)
         try:
-            database = build_scoped_database(self.items, policy, self.config.scoped)
+            database = build_scoped_database(self.items, policy, self.scoped)
         except InvalidPolicy:
             # The policy names tables or columns the data does not have: fail closed, and no policy
             # was used.
@@ -947,6 +1003,7 @@ class _Run:
             raise RunFailed(exc.code) from None
         self.phases.lap("query_load")
         try:
+            timeout = self._stage_timeout(Stage.QUERY)
             services = self._query_services(
                 policy_database=database, prompt=self.inputs.prompt, timeout_s=timeout
             )
@@ -957,7 +1014,7 @@ class _Run:
             database.close()
             raise
         # The database stays open until the stage's sandbox has ended (its thread closes it).
-        return self._run_stage(Stage.QUERY, services, timeout, cleanup=database.close)
+        return self._run_stage(Stage.QUERY, services, timeout, release=database.close)
 
     # --- mediator ---
 

@@ -3,9 +3,10 @@
 An agent directory is packed with :func:`hivemind.archive.pack_directory` (the same files always give
 the same bytes) and pinned by its source digest (:func:`hivemind.archive.source_digest`, over the files,
 not the archive bytes). Inspectable agents are uploaded as they are: participants can read them. Sealed
-agents are HMS1-sealed under a fresh random 32-byte key with the context ``(tenant, room or "none",
-agent_source, agent_id)``, and that key is HPKE-sealed to the verified runner's attested keys with info
-``b"hivemind-agent-v1|" + agent_id``: only an attested runner can open the source.
+agents are HMS1-sealed under a fresh random 32-byte key with :func:`hivemind.seal.agent_source_context`,
+and that key is HPKE-sealed to the verified runner's attested keys with
+:func:`hivemind.envelope.seal_agent_key` (bound to the agent id): only an attested runner can open the
+source.
 """
 
 from __future__ import annotations
@@ -20,17 +21,12 @@ from typing import Any
 from hivemind.archive import pack_directory as pack_agent_directory
 from hivemind.archive import validate_archive
 from hivemind.attestation import VerifiedRunner
-from hivemind.envelope import HpkePublicKeys, seal_to
-from hivemind.models import ObjectKind, Visibility
-from hivemind.seal import SealContext, seal_bytes
+from hivemind.envelope import AGENT_KEY_BYTES, HpkePublicKeys, seal_agent_key
+from hivemind.models import Visibility
+from hivemind.seal import agent_source_context, seal_bytes
 from hivemind.tokens import random_id
 
 from hmctl.client import ApiClient, Progress
-
-AGENT_KEY_INFO_PREFIX = b"hivemind-agent-v1|"
-# The room part of a library agent's sealing context (it is bound to no room).
-NO_ROOM = "none"
-AGENT_KEY_BYTES = 32
 
 
 @dataclass(frozen=True)
@@ -89,14 +85,10 @@ def agent_upload_body(
         if runner is None:
             raise ValueError("a sealed agent is sealed to a verified runner")
         agent_key = os.urandom(AGENT_KEY_BYTES)
-        context = SealContext(
-            tenant_id=tenant_id, room_id=room_id or NO_ROOM, kind=ObjectKind.AGENT_SOURCE, object_id=agent_id
-        )
+        context = agent_source_context(tenant_id, room_id, agent_id)
         blob = seal_bytes(packed.archive, key=agent_key, context=context)
-        sealed_key = seal_to(
-            HpkePublicKeys.from_suites(runner.hpke_public_keys),
-            agent_key,
-            info=AGENT_KEY_INFO_PREFIX + agent_id.encode(),
+        sealed_key = seal_agent_key(
+            HpkePublicKeys.from_suites(runner.hpke_public_keys), agent_key, agent_id=agent_id
         )
         body["sealed_key"] = sealed_key.model_dump(mode="json")
     body.update(size=len(blob), sha256=hashlib.sha256(blob).hexdigest())

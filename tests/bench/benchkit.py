@@ -178,6 +178,7 @@ class LocalStack:
         self.status: dict[str, Any] = {}
         self._runner: _Runner | None = None
         self._runner_env: dict[str, str] = {}
+        self._pythonpath: str | None = None
 
     # --- hmctl ---
 
@@ -241,16 +242,24 @@ class LocalStack:
 
     # --- the runner ---
 
+    def runner_workspace(self) -> Path:
+        """The directory under which the runner mounts each run's tmpfs workspace."""
+        env = self._runner_env
+        base = Path(env.get("HIVEMIND_RUNNER_WORKSPACE_DIR") or "/dev/shm/hivemind-runner")
+        return base / env["HIVEMIND_RUNNER_ID"]
+
     def restart_runner(self, overrides: Mapping[str, str], *, pythonpath: str | None = None) -> None:
         """Stop the current runner and start ``python -m hivemind_runner`` with the stack runner's own
-        environment plus ``overrides`` (``pythonpath`` first on its import path: another source tree).
-        Returns once the new runner has published its attestation document."""
+        environment plus ``overrides``. ``pythonpath`` (kept for later restarts) goes first on its import
+        path: a runner from another source tree. Returns once the new runner has started serving."""
         assert self._runner is not None
         self._stop_runner()
         env = dict(self._runner_env)
         env.update(overrides)
-        if pythonpath:
-            env["PYTHONPATH"] = pythonpath + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+        self._pythonpath = pythonpath or self._pythonpath
+        if self._pythonpath:
+            inherited = env.get("PYTHONPATH")
+            env["PYTHONPATH"] = self._pythonpath + (os.pathsep + inherited if inherited else "")
         log = self.root / f"runner-{int(time.time() * 1000)}.log"
         with log.open("wb") as sink:
             process = subprocess.Popen(

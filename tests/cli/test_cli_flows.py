@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
-from hivemind.envelope import SealedEnvelope, open_sealed
+from hivemind.envelope import SealedEnvelope, open_provider_key
 from hivemind.errors import EnvelopeError
-from hmctl.provider_keys import provider_key_info
 from hmctl_fakes import FakeService
 from hmctl_harness import Cli, make_room, write_agent
 
@@ -214,10 +213,12 @@ def test_provider_key_is_sealed_to_the_attested_runner(cli: Cli, fake: FakeServi
     body = fake.provider_keys[(created["tenant_id"], "openrouter")]
     assert "sk-or-secret-123" not in json.dumps(body)
     sealed = SealedEnvelope.model_validate(body["sealed_key"])
-    opened = open_sealed(fake.runner_keys, sealed, info=provider_key_info(created["tenant_id"], "openrouter"))
-    assert opened == b"sk-or-secret-123"
+    tenant_id = created["tenant_id"]
+    assert open_provider_key(fake.runner_keys, sealed, tenant_id=tenant_id, provider="openrouter") == (
+        "sk-or-secret-123"
+    )
     with pytest.raises(EnvelopeError, match="does not open"):
-        open_sealed(fake.runner_keys, sealed, info=provider_key_info(created["tenant_id"], "tinfoil"))
+        open_provider_key(fake.runner_keys, sealed, tenant_id=tenant_id, provider="tinfoil")
     spaced = cli.run("--profile", "owner", "tenant", "set-provider-key", "openrouter", input="two words\n")
     assert spaced.exit_code == 2 and "printable ASCII without spaces" in spaced.stderr
 

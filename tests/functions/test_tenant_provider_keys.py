@@ -6,7 +6,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import pytest
-from hivemind.envelope import HpkeKeyPair, SealedEnvelope, seal_to
+from hivemind.envelope import HpkeKeyPair, SealedEnvelope, open_provider_key, provider_key_info, seal_to
 from hivemind.errors import EnvelopeError
 from hivemind.manifest import KeyRotation, sign_key_rotation
 from hivemind.store import Store
@@ -14,7 +14,6 @@ from hivemind.store.base import Table
 from hivemind.store.schema import TableRole
 from hivemind.tokens import Secret, TokenKind
 from hivemind_functions.settings import FunctionSettings
-from hivemind_runner.llm import open_provider_key, provider_key_info
 
 if TYPE_CHECKING:
     from conftest import Harness, RunnerHandle
@@ -60,20 +59,14 @@ def test_store_list_replace_and_remove_a_provider_key(api, hm: Harness, store: S
     # tenant and this provider.
     lookup = store.tenants.sealed_provider_keys(alice.tenant_id)
     assert set(lookup) == {"openrouter"}
-    opened = open_provider_key(
-        runner.keys, tenant_id=alice.tenant_id, provider="openrouter", sealed_json=lookup["openrouter"]
-    )
-    assert opened.get_secret_value() == "sk-or-alice-1"
+    stored_key = SealedEnvelope.from_json(lookup["openrouter"])
+    opened = open_provider_key(runner.keys, stored_key, tenant_id=alice.tenant_id, provider="openrouter")
+    assert opened == "sk-or-alice-1"
+    with pytest.raises(EnvelopeError):
+        open_provider_key(runner.keys, stored_key, tenant_id=alice.tenant_id, provider="tinfoil")
     with pytest.raises(EnvelopeError):
         open_provider_key(
-            runner.keys, tenant_id=alice.tenant_id, provider="tinfoil", sealed_json=lookup["openrouter"]
-        )
-    with pytest.raises(EnvelopeError):
-        open_provider_key(
-            HpkeKeyPair.generate(),
-            tenant_id=alice.tenant_id,
-            provider="openrouter",
-            sealed_json=lookup["openrouter"],
+            HpkeKeyPair.generate(), stored_key, tenant_id=alice.tenant_id, provider="openrouter"
         )
 
     # A second key for another provider, then a replacement sealed to another runner.
@@ -94,8 +87,11 @@ def test_store_list_replace_and_remove_a_provider_key(api, hm: Harness, store: S
     replaced = store.tenants.sealed_provider_keys(alice.tenant_id)["openrouter"]
     assert (
         open_provider_key(
-            other_runner.keys, tenant_id=alice.tenant_id, provider="openrouter", sealed_json=replaced
-        ).get_secret_value()
+            other_runner.keys,
+            SealedEnvelope.from_json(replaced),
+            tenant_id=alice.tenant_id,
+            provider="openrouter",
+        )
         == "sk-or-alice-2"
     )
 
@@ -143,8 +139,11 @@ def test_keys_are_per_tenant_and_survive_a_key_rotation(hm_lambda: Harness, lamb
     sealed_json = store.tenants.sealed_provider_keys(alice.tenant_id)["openrouter"]
     assert (
         open_provider_key(
-            runner.keys, tenant_id=alice.tenant_id, provider="openrouter", sealed_json=sealed_json
-        ).get_secret_value()
+            runner.keys,
+            SealedEnvelope.from_json(sealed_json),
+            tenant_id=alice.tenant_id,
+            provider="openrouter",
+        )
         == "sk-alice"
     )
 

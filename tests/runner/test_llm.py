@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 from hivemind.encoding import b64decode, b64encode
-from hivemind.envelope import HpkeKeyPair, SealedEnvelope
-from hivemind.errors import EnvelopeError, InvalidInput, StoreError
+from hivemind.envelope import HpkeKeyPair, provider_key_info, seal_provider_key, seal_to
+from hivemind.errors import InvalidInput, StoreError
 from hivemind.models import Budgets, Stage
 from hivemind_agent import Bridge
 from hivemind_agent.errors import BridgeError, BudgetExhausted, Denied
@@ -25,8 +25,6 @@ from hivemind_runner.llm import (
     ProviderConfig,
     ProviderNotAllowed,
     RunLlm,
-    open_provider_key,
-    seal_provider_key,
 )
 from support.llm_server import FakeLlmServer
 
@@ -288,10 +286,14 @@ def test_a_reflected_key_is_scrubbed_from_the_answer(server: FakeLlmServer) -> N
 # --- tenant keys sealed to the runner ------------------------------------------------------------------
 
 
-def sealed_tenant_key(tenant_id: str = "tn_payer1", provider: str = "local", key: str = TENANT_KEY) -> str:
-    return seal_provider_key(
-        RUNNER_KEYS.public_keys(), tenant_id=tenant_id, provider=provider, api_key=key
-    ).to_json()
+def sealed_tenant_key(
+    tenant_id: str = "tn_payer1",
+    provider: str = "local",
+    key: str = TENANT_KEY,
+    runner: HpkeKeyPair = RUNNER_KEYS,
+) -> str:
+    sealed = seal_provider_key(runner.public_keys(), tenant_id=tenant_id, provider=provider, api_key=key)
+    return sealed.to_json()
 
 
 def test_the_payers_own_key_is_preferred(server: FakeLlmServer) -> None:
@@ -348,59 +350,50 @@ def test_an_unreadable_tenant_record_fails_closed(server: FakeLlmServer) -> None
     assert server.requests == []
 
 
-def test_provider_key_seal_round_trip() -> None:
-    opened = open_provider_key(
-        RUNNER_KEYS, tenant_id="tn_payer1", provider="local", sealed_json=sealed_tenant_key()
+def test_the_opened_tenant_key_is_held_as_a_secret() -> None:
+    gateway = LlmGateway(
+        LlmConfig(providers={}),
+        runner_keys=RUNNER_KEYS,
+        tenant_keys=tenant_keys({"tn_payer1": {"local": sealed_tenant_key()}}),
     )
-    assert opened.get_secret_value() == TENANT_KEY
+    opened = gateway.tenant_key("tn_payer1", "local")
+    assert opened is not None and opened.get_secret_value() == TENANT_KEY
     assert TENANT_KEY not in repr(opened)
+    assert gateway.tenant_key("tn_payer1", "openrouter") is None
+    assert gateway.tenant_key("tn_other1", "local") is None
 
 
-@pytest.mark.parametrize("field", ["enc", "ct"])
-def test_a_flipped_byte_does_not_open(field: str) -> None:
-    sealed = json.loads(sealed_tenant_key())
+def _flipped(sealed_json: str, field: str) -> str:
+    sealed = json.loads(sealed_json)
     raw = bytearray(b64decode(sealed[field]))
     raw[-1] ^= 0x01
     sealed[field] = b64encode(bytes(raw))
-    with pytest.raises(EnvelopeError):
-        open_provider_key(
-            RUNNER_KEYS, tenant_id="tn_payer1", provider="local", sealed_json=json.dumps(sealed)
-        )
+    return json.dumps(sealed)
 
 
-@pytest.mark.parametrize(
-    ("tenant_id", "provider"),
-    [("tn_other1", "local"), ("tn_payer1", "openrouter")],
-    ids=["tenant", "provider"],
-)
-def test_a_key_sealed_for_another_context_does_not_open(tenant_id: str, provider: str) -> None:
-    # Replaying tenant A's sealed key on tenant B's record, or under another provider, is refused.
-    with pytest.raises(EnvelopeError):
-        open_provider_key(
-            RUNNER_KEYS, tenant_id=tenant_id, provider=provider, sealed_json=sealed_tenant_key()
-        )
+STORED_KEYS_THAT_DO_NOT_OPEN = {
+    "flipped-enc": lambda: _flipped(sealed_tenant_key(), "enc"),
+    "flipped-ct": lambda: _flipped(sealed_tenant_key(), "ct"),
+    # Another tenant's sealed key copied onto this record, or one sealed for another provider.
+    "other-tenant": lambda: sealed_tenant_key(tenant_id="tn_other1"),
+    "other-provider": lambda: sealed_tenant_key(provider="openrouter"),
+    "other-runner": lambda: sealed_tenant_key(runner=HpkeKeyPair.from_seed(bytes(32))),
+    "not-an-envelope": lambda: "{}",
+    "not-a-token": lambda: seal_to(
+        RUNNER_KEYS.public_keys(), b"a b", info=provider_key_info("tn_payer1", "local")
+    ).to_json(),
+}
 
 
-def test_a_key_sealed_to_another_runner_does_not_open() -> None:
-    other = HpkeKeyPair.from_seed(bytes(32))
-    sealed = seal_provider_key(
-        other.public_keys(), tenant_id="tn_payer1", provider="local", api_key=TENANT_KEY
+@pytest.mark.parametrize("stored", list(STORED_KEYS_THAT_DO_NOT_OPEN))
+def test_a_tenant_key_that_does_not_open_here_fails_closed(stored: str) -> None:
+    gateway = LlmGateway(
+        LlmConfig(providers={}),
+        runner_keys=RUNNER_KEYS,
+        tenant_keys=tenant_keys({"tn_payer1": {"local": STORED_KEYS_THAT_DO_NOT_OPEN[stored]()}}),
     )
-    with pytest.raises(EnvelopeError):
-        open_provider_key(RUNNER_KEYS, tenant_id="tn_payer1", provider="local", sealed_json=sealed.to_json())
-    with pytest.raises(EnvelopeError):
-        open_provider_key(RUNNER_KEYS, tenant_id="tn_payer1", provider="local", sealed_json="{}")
-    assert SealedEnvelope.from_json(sealed.to_json()) == sealed
-
-
-def test_sealed_keys_must_be_printable_tokens() -> None:
-    sealed = seal_provider_key(
-        RUNNER_KEYS.public_keys(), tenant_id="tn_payer1", provider="local", api_key="a b"
-    )
-    with pytest.raises(EnvelopeError, match="printable"):
-        open_provider_key(RUNNER_KEYS, tenant_id="tn_payer1", provider="local", sealed_json=sealed.to_json())
-    with pytest.raises(InvalidInput):
-        seal_provider_key(RUNNER_KEYS.public_keys(), tenant_id="tn|x", provider="local", api_key="k")
+    with pytest.raises(LlmProviderError, match="does not open on this runner"):
+        gateway.tenant_key("tn_payer1", "local")
 
 
 # --- configuration ----------------------------------------------------------------------------------------

@@ -21,9 +21,14 @@ from schemathesis.specs.openapi.checks import content_type_conformance, response
 
 pytestmark = [pytest.mark.moto_server, pytest.mark.slow]
 
-EXAMPLES_PER_OPERATION = 10
+EXAMPLES_PER_OPERATION = 8
 SCHEMA = schemathesis.openapi.from_path(Path(__file__).resolve().parents[2] / "docs" / "openapi.json")
 OPERATIONS = {result.ok().label: result.ok() for result in SCHEMA.get_all_operations()}
+
+
+def _sendable(value: Any) -> bool:
+    text = str(value)
+    return text == text.strip() and all(0x20 <= ord(char) < 0x7F for char in text) and " " != text[-1:]
 
 
 @pytest.fixture
@@ -50,9 +55,12 @@ def test_fuzzed_requests_never_get_a_server_error(label: str, http_api: Any, own
         suppress_health_check=list(HealthCheck),
     )
     def fuzz(case: Any) -> None:
+        if case.query and "wait" in case.query:
+            case.query["wait"] = 0  # a long poll holds a request up to 20 s; its bounds are tested elsewhere
         for token in (None, owner_token):
             kwargs = case.as_transport_kwargs(base_url=base_url)
-            headers = dict(kwargs.pop("headers"))
+            # Header values HTTP cannot carry never reach a server; the client would refuse to send them.
+            headers = {name: value for name, value in kwargs.pop("headers").items() if _sendable(value)}
             if token is not None:
                 headers["Authorization"] = f"Bearer {token}"
             kwargs.pop("cookies", None)

@@ -1,4 +1,5 @@
-"""HPKE sealing, run envelopes, replay protection and output-key sealing (hivemind.envelope)."""
+"""HPKE sealing, run envelopes, replay protection, output keys, and the agent and provider keys sealed to
+the runner (hivemind.envelope)."""
 
 import hashlib
 import hmac
@@ -19,10 +20,16 @@ from hivemind.envelope import (
     OutputRecipient,
     RunEnvelope,
     SealedEnvelope,
+    agent_key_info,
+    open_agent_key,
     open_output_key,
+    open_provider_key,
     open_run_envelope,
     open_sealed,
+    provider_key_info,
+    seal_agent_key,
     seal_output_key,
+    seal_provider_key,
     seal_run_envelope,
     seal_to,
 )
@@ -419,3 +426,149 @@ def test_output_key_sealing_refuses_misuse() -> None:
         seal_output_key(
             OUTPUT_KEY, public_bytes(QUERIER), run_id="run_1|owner", recipient=OutputRecipient.QUERIER
         )
+
+
+# --- agent keys sealed to the runner -------------------------------------------------------------
+
+# Printable and 32 bytes long: valid as either kind of secret, so only the context can refuse a replay.
+AGENT_KEY = b"A" * 32
+PROVIDER_KEY = "sk-" + "k" * 29
+
+
+@BOTH_SUITES
+def test_agent_key_round_trip(suite: HpkeSuite) -> None:
+    sealed = seal_agent_key(RUNNER.public_keys(), AGENT_KEY, agent_id="agent_a", suite=suite)
+    parsed = SealedEnvelope.from_json(sealed.to_json())
+    assert open_agent_key(RUNNER, parsed, agent_id="agent_a") == AGENT_KEY
+    # The info string is the documented one (docs/formats.md, "Secrets sealed to the runner").
+    assert open_sealed(RUNNER, sealed, info=b"hivemind-agent-v1|agent_a") == AGENT_KEY
+
+
+def test_agent_key_for_another_agent_refused() -> None:
+    sealed = seal_agent_key(RUNNER.public_keys(), AGENT_KEY, agent_id="agent_a")
+    with pytest.raises(EnvelopeError, match="does not open"):
+        open_agent_key(RUNNER, sealed, agent_id="agent_b")
+
+
+def test_agent_key_wrong_runner_or_flipped_byte_refused() -> None:
+    sealed = seal_agent_key(RUNNER.public_keys(), AGENT_KEY, agent_id="agent_a")
+    with pytest.raises(EnvelopeError, match="does not open"):
+        open_agent_key(OTHER_RUNNER, sealed, agent_id="agent_a")
+    for part in ("enc", "ct"):
+        tampered = sealed.model_copy(update={part: flip(getattr(sealed, part), -1)})
+        with pytest.raises(EnvelopeError):
+            open_agent_key(RUNNER, tampered, agent_id="agent_a")
+
+
+def test_agent_key_of_the_wrong_length_refused_both_ways() -> None:
+    with pytest.raises(InvalidInput, match="32 bytes"):
+        seal_agent_key(RUNNER.public_keys(), AGENT_KEY[:31], agent_id="agent_a")
+    short = seal_to(RUNNER.public_keys(), AGENT_KEY[:31], info=agent_key_info("agent_a"))
+    with pytest.raises(EnvelopeError, match="wrong length"):
+        open_agent_key(RUNNER, short, agent_id="agent_a")
+
+
+@pytest.mark.parametrize("agent_id", ["", "agent_a|x"])
+def test_agent_key_info_refuses_an_ambiguous_agent_id(agent_id: str) -> None:
+    with pytest.raises(InvalidInput, match="agent id"):
+        agent_key_info(agent_id)
+
+
+# --- provider keys sealed to the runner ----------------------------------------------------------
+
+
+@BOTH_SUITES
+def test_provider_key_round_trip(suite: HpkeSuite) -> None:
+    sealed = seal_provider_key(
+        RUNNER.public_keys(), tenant_id="tn_payer1", provider="openrouter", api_key=PROVIDER_KEY, suite=suite
+    )
+    parsed = SealedEnvelope.from_json(sealed.to_json())
+    assert parsed == sealed
+    assert open_provider_key(RUNNER, parsed, tenant_id="tn_payer1", provider="openrouter") == PROVIDER_KEY
+    assert PROVIDER_KEY.encode() not in sealed.to_json().encode()
+    info = b"hivemind-provider-key-v1|tn_payer1|openrouter"
+    assert open_sealed(RUNNER, sealed, info=info) == PROVIDER_KEY.encode()
+
+
+@pytest.mark.parametrize(
+    ("tenant_id", "provider"),
+    [("tn_other1", "openrouter"), ("tn_payer1", "tinfoil")],
+    ids=["tenant", "provider"],
+)
+def test_provider_key_for_another_tenant_or_provider_refused(tenant_id: str, provider: str) -> None:
+    # Tenant A's sealed key replayed on tenant B's record, or under another provider, does not open.
+    sealed = seal_provider_key(
+        RUNNER.public_keys(), tenant_id="tn_payer1", provider="openrouter", api_key=PROVIDER_KEY
+    )
+    with pytest.raises(EnvelopeError, match="does not open"):
+        open_provider_key(RUNNER, sealed, tenant_id=tenant_id, provider=provider)
+
+
+def test_provider_key_wrong_runner_or_flipped_byte_refused() -> None:
+    sealed = seal_provider_key(
+        RUNNER.public_keys(), tenant_id="tn_payer1", provider="openrouter", api_key=PROVIDER_KEY
+    )
+    with pytest.raises(EnvelopeError, match="does not open"):
+        open_provider_key(OTHER_RUNNER, sealed, tenant_id="tn_payer1", provider="openrouter")
+    for part in ("enc", "ct"):
+        tampered = sealed.model_copy(update={part: flip(getattr(sealed, part), -1)})
+        with pytest.raises(EnvelopeError):
+            open_provider_key(RUNNER, tampered, tenant_id="tn_payer1", provider="openrouter")
+
+
+@pytest.mark.parametrize(
+    "api_key",
+    ["", "two words", "tab\tkey", "new\nline", "ключ", "k" * 4097],
+    ids=["empty", "space", "tab", "newline", "non-ascii", "too-long"],
+)
+def test_provider_key_that_is_not_a_printable_token_refused_both_ways(api_key: str) -> None:
+    with pytest.raises(InvalidInput, match="an API key is"):
+        seal_provider_key(RUNNER.public_keys(), tenant_id="tn_payer1", provider="local", api_key=api_key)
+    # Sealed by something other than seal_provider_key: the runner still refuses to use it.
+    forged = seal_to(RUNNER.public_keys(), api_key.encode(), info=provider_key_info("tn_payer1", "local"))
+    with pytest.raises(EnvelopeError, match="not a printable token"):
+        open_provider_key(RUNNER, forged, tenant_id="tn_payer1", provider="local")
+
+
+def test_provider_key_of_the_longest_length_accepted() -> None:
+    api_key = "k" * 4096
+    sealed = seal_provider_key(RUNNER.public_keys(), tenant_id="tn_payer1", provider="local", api_key=api_key)
+    assert open_provider_key(RUNNER, sealed, tenant_id="tn_payer1", provider="local") == api_key
+
+
+def test_provider_key_that_is_not_text_refused() -> None:
+    forged = seal_to(RUNNER.public_keys(), b"sk-\xff", info=provider_key_info("tn_payer1", "local"))
+    with pytest.raises(EnvelopeError, match="not a printable token"):
+        open_provider_key(RUNNER, forged, tenant_id="tn_payer1", provider="local")
+
+
+@pytest.mark.parametrize(("tenant_id", "provider"), [("", "local"), ("tn_payer1", ""), ("tn|x", "local")])
+def test_provider_key_info_refuses_an_ambiguous_context(tenant_id: str, provider: str) -> None:
+    with pytest.raises(InvalidInput, match="bound to a non-empty tenant id"):
+        seal_provider_key(RUNNER.public_keys(), tenant_id=tenant_id, provider=provider, api_key="k")
+
+
+# --- one kind of secret is not another -----------------------------------------------------------
+
+
+def test_agent_key_replayed_as_a_provider_key_refused() -> None:
+    sealed = seal_agent_key(RUNNER.public_keys(), AGENT_KEY, agent_id="agent_a")
+    with pytest.raises(EnvelopeError, match="does not open"):
+        open_provider_key(RUNNER, sealed, tenant_id="agent_a", provider="local")
+
+
+def test_provider_key_replayed_as_an_agent_key_refused() -> None:
+    assert len(PROVIDER_KEY.encode()) == 32  # the right length for an agent key: only the context differs
+    sealed = seal_provider_key(
+        RUNNER.public_keys(), tenant_id="tn_payer1", provider="local", api_key=PROVIDER_KEY
+    )
+    with pytest.raises(EnvelopeError, match="does not open"):
+        open_agent_key(RUNNER, sealed, agent_id="tn_payer1")
+
+
+def test_run_envelope_replayed_as_a_runner_secret_refused() -> None:
+    sealed = seal_run_envelope(RUNNER.public_keys(), new_envelope())
+    with pytest.raises(EnvelopeError, match="does not open"):
+        open_agent_key(RUNNER, sealed, agent_id="agent_a")
+    with pytest.raises(EnvelopeError, match="does not open"):
+        open_provider_key(RUNNER, sealed, tenant_id="tn_payer1", provider="local")

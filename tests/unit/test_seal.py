@@ -28,6 +28,7 @@ from hivemind.seal import (
     SealContext,
     SealReader,
     SealWriter,
+    agent_source_context,
     open_bytes,
     open_stream,
     seal_bytes,
@@ -98,6 +99,23 @@ def test_context_info_is_domain_separated_and_binds_every_field() -> None:
     assert CONTEXT.hkdf_info() == b"hivemind/v1/hms1|tenant_1|room_1|item|item_1"
     other = SealContext(tenant_id="t", room_id="r", kind=ObjectKind.AGENT_SOURCE, object_id="a/b c")
     assert other.hkdf_info() == b"hivemind/v1/hms1|t|r|agent_source|a/b c"
+
+
+def test_agent_source_context_binds_owner_room_and_agent() -> None:
+    library = agent_source_context("tn_owner1", None, "agent_a")
+    assert library.hkdf_info() == b"hivemind/v1/hms1|tn_owner1|none|agent_source|agent_a"
+    in_room = agent_source_context("tn_owner1", "room_abc", "agent_a")
+    assert in_room.hkdf_info() == b"hivemind/v1/hms1|tn_owner1|room_abc|agent_source|agent_a"
+    blob = seal_bytes(b"agent source", key=KEY, context=library)
+    assert open_bytes(blob, key=KEY, context=agent_source_context("tn_owner1", None, "agent_a")) == (
+        b"agent source"
+    )
+    # Moved into a room, to another agent or to another owner, the sealed source does not open.
+    other_agent = agent_source_context("tn_owner1", None, "agent_b")
+    other_owner = agent_source_context("tn_other1", None, "agent_a")
+    for moved in (in_room, other_agent, other_owner):
+        with pytest.raises(SealError):
+            open_bytes(blob, key=KEY, context=moved)
 
 
 def test_known_answer_vector() -> None:

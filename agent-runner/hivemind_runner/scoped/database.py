@@ -1,4 +1,7 @@
-"""A stage's data: the in-memory SQLite database its SQL runs against, and its document items.
+"""A stage's data: the SQLite database its SQL runs against, and its document items.
+
+The query stage's database is in memory; the scope stage's full read may be a file in the run's
+tmpfs workspace (see :mod:`hivemind_runner.scoped.loader`), deleted when the database closes.
 
 A :class:`ScopedDatabase` is bound to one role when it is built: the scope stage's full read
 (:func:`~hivemind_runner.scoped.loader.full_read_database`) or the query stage's scoped projection
@@ -14,6 +17,7 @@ import sqlite3
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
 from typing import Literal
 
@@ -88,7 +92,9 @@ class ScopedDatabase:
         view: QueryView | None,
         documents: DocumentShelf,
         limits: ScopedLimits,
+        file: Path | None = None,
     ):
+        """``file``: the database's own file (in the run's workspace), deleted when it closes."""
         if role not in (Stage.SCOPE, Stage.QUERY) or (role is Stage.QUERY) != (view is not None):
             raise ValueError("a scope database has no query view; a query database has one")
         self._connection = connection
@@ -97,6 +103,7 @@ class ScopedDatabase:
         self._view = view
         self._documents = documents
         self._limits = limits
+        self._file = file
         self._lock = threading.Lock()
         self._closed = False
         visible = {table.name: tuple(name for name, _ in table.columns) for table in self._tables}
@@ -189,6 +196,8 @@ class ScopedDatabase:
             if not self._closed:
                 self._closed = True
                 self._connection.close()
+                if self._file is not None:
+                    self._file.unlink(missing_ok=True)
 
     def __enter__(self) -> ScopedDatabase:
         return self

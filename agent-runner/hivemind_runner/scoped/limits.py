@@ -24,13 +24,20 @@ class ScopedLimits(StrictModel):
     max_database_bytes: int = Field(
         default=512 * MiB, ge=64 * KiB, description="size of the final in-memory database"
     )
+    max_file_database_bytes: int = Field(
+        default=8 * GiB,
+        ge=64 * KiB,
+        description="size of a database kept in a workspace file (the full read, when a workspace is set)",
+    )
     max_columns: int = Field(default=1024, ge=1, le=2000, description="columns of one source table")
     max_line_bytes: int = Field(
         default=1 * MiB, ge=1 * KiB, description="one physical CSV line or one JSON line, in bytes"
     )
     batch_rows: int = Field(default=5000, ge=1, le=1_000_000, description="rows staged per batch")
     workspace: Path | None = Field(
-        default=None, description="directory for SQLite item files while they are read (tmpfs); None: TMPDIR"
+        default=None,
+        description="directory (tmpfs) for SQLite item files while they are read and for the full-read "
+        "database; None: SQLite items in TMPDIR, the full read in memory",
     )
 
     # --- queries ---

@@ -15,14 +15,19 @@ that reached the final database (:func:`column_type`) and the table is rewritten
 batch by batch (each batch deleted from the untyped copy as it moves, so freed pages are reused).
 Finally ``staging`` is detached, the database becomes read-only, and the SQL gate is installed.
 
-Tables the policy does not name are never opened. The final database is ``:memory:``; SQLite
-items are copied to a workspace file (tmpfs in the runner), read, and deleted.
+Tables the policy does not name are never opened. The query stage's database is ``:memory:``, so its
+size is the projection's. The scope stage's full read is the whole data: with a workspace (tmpfs in the
+runner) it lives in a file there, deleted when the database closes, so the runner's own memory holds
+one batch and a bounded page cache rather than every row (the workspace's size caps it); without
+one it is ``:memory:`` too. SQLite items are copied to a workspace file, read, and deleted.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import sqlite3
+import tempfile
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -48,6 +53,8 @@ from hivemind_runner.scoped.sql import limit_connection
 
 _STAGING = "staging"
 _STAGED_ROWS = "rows"
+# Page cache of a file-backed database: enough for bulk loading, bounded whatever the data's size.
+_FILE_CACHE_KIB = 16 * 1024
 # Bits summed (DISTINCT) per column over the loaded values: one SQL pass tells which storage
 # classes a column holds.
 _TYPE_BITS = (
@@ -115,31 +122,61 @@ def _plan(items: Sequence[RoomItem]) -> _Plan:
 
 
 class _Loader:
-    """One database being built; :meth:`finish` hands the connection over, :meth:`abort` discards it."""
+    """One database being built; :meth:`finish` hands the connection over, :meth:`abort` discards it.
 
-    def __init__(self, limits: ScopedLimits):
+    ``in_file``: the database lives in a new file of ``limits.workspace`` (0600, deleted by
+    :meth:`abort` or when the :class:`ScopedDatabase` closes) instead of in memory.
+    """
+
+    def __init__(self, limits: ScopedLimits, *, in_file: bool = False):
         self.limits = limits
         self.budget = ByteBudget(limits.max_total_bytes)
         self.tables: list[LoadedTable] = []
         self._item_rows: dict[str, int] = defaultdict(int)
         self._raw_tables = 0
-        self.connection = sqlite3.connect(":memory:", isolation_level=None, check_same_thread=False)
+        self.file: Path | None = None
+        self._max_bytes = limits.max_database_bytes
+        if in_file and limits.workspace is not None:
+            descriptor, name = tempfile.mkstemp(prefix="hivemind-db-", suffix=".sqlite", dir=limits.workspace)
+            os.close(descriptor)
+            self.file = Path(name)
+            self._max_bytes = limits.max_file_database_bytes
+        try:
+            self.connection = sqlite3.connect(
+                ":memory:" if self.file is None else str(self.file),
+                isolation_level=None,
+                check_same_thread=False,
+            )
+        except BaseException:
+            self._remove_file()
+            raise
         try:
             run = self.connection.execute
             run("PRAGMA trusted_schema = OFF")
             run("PRAGMA temp_store = MEMORY")
             # No rollback is ever needed: a failed load discards the whole database.
             run("PRAGMA main.journal_mode = OFF")
+            if self.file is not None:
+                # A tmpfs file that dies with the run: no durability wanted, no memory mapping (the
+                # pages would count as the runner's), a page cache of bounded size.
+                run("PRAGMA main.synchronous = OFF")
+                run("PRAGMA mmap_size = 0")
+                run(f"PRAGMA main.cache_size = -{_FILE_CACHE_KIB}")
             run(f"ATTACH DATABASE ':memory:' AS {_STAGING}")
             run(f"PRAGMA {_STAGING}.journal_mode = OFF")
             run(f"PRAGMA {_STAGING}.secure_delete = ON")
             self._page_size = int(run("PRAGMA main.page_size").fetchone()[0])
         except BaseException:
-            self.connection.close()
+            self.abort()
             raise
 
     def abort(self) -> None:
         self.connection.close()
+        self._remove_file()
+
+    def _remove_file(self) -> None:
+        if self.file is not None:
+            self.file.unlink(missing_ok=True)
 
     def finish(self) -> sqlite3.Connection:
         """Detach staging, make the database read-only and bound what one statement may build."""
@@ -241,10 +278,10 @@ class _Loader:
 
     def _check_size(self) -> None:
         pages = int(self.connection.execute("PRAGMA main.page_count").fetchone()[0])
-        if pages * self._page_size > self.limits.max_database_bytes:
+        if pages * self._page_size > self._max_bytes:
             raise DataLimitExceeded(
                 "database_bytes",
-                f"the scoped database grew past {self.limits.max_database_bytes} bytes; narrow the policy "
+                f"the scoped database grew past {self._max_bytes} bytes; narrow the policy "
                 "(fewer columns, a row filter) or raise the limit",
             )
 
@@ -301,10 +338,17 @@ def _direct_source(
 
 
 @contextlib.contextmanager
-def _loading(limits: ScopedLimits) -> Iterator[_Loader]:
-    loader = _Loader(limits)
+def _loading(limits: ScopedLimits, *, in_file: bool = False) -> Iterator[_Loader]:
+    loader = _Loader(limits, in_file=in_file)
     try:
         yield loader
+    except sqlite3.OperationalError as exc:
+        loader.abort()
+        if exc.sqlite_errorcode == sqlite3.SQLITE_FULL:
+            raise DataLimitExceeded(
+                "workspace_full", "the run's workspace is full; it cannot hold the data's database"
+            ) from None
+        raise
     except BaseException:
         loader.abort()
         raise
@@ -363,12 +407,14 @@ def full_read_database(items: Sequence[RoomItem], limits: ScopedLimits | None = 
     """The scope stage's database: every table of every tabular item, every column and row.
 
     Read-only and behind the same gate as the query stage's, minus the aggregation rules. Parquet
-    items are skipped (not supported); they stay readable raw through the items tool.
+    items are skipped (not supported); they stay readable raw through the items tool. With a
+    ``limits.workspace`` it is kept in a file there (bounded by ``max_file_database_bytes`` and the
+    workspace's size, not by the runner's memory), deleted when it closes.
     """
     limits = limits or ScopedLimits()
     documents = DocumentShelf(items, policy=None, max_document_bytes=limits.max_document_bytes)
     plan = _plan(items)
-    with _loading(limits) as loader:
+    with _loading(limits, in_file=True) as loader:
         for table, (item, kind) in plan.direct.items():
             with _direct_source(item, kind, table, limits, loader.budget) as source:
                 loader.load(source, None)
@@ -386,4 +432,5 @@ def full_read_database(items: Sequence[RoomItem], limits: ScopedLimits | None = 
             view=None,
             documents=documents,
             limits=limits,
+            file=loader.file,
         )

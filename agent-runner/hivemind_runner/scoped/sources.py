@@ -37,6 +37,7 @@ INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
 SQLITE_MAGIC = b"SQLite format 3\x00"
 
+_NUMBER_START = frozenset("-0123456789")
 _INTEGER = re.compile(r"-?(?:0|[1-9][0-9]*)")
 _REAL = re.compile(r"-?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
 
@@ -46,6 +47,8 @@ def csv_value(cell: str) -> Value:
     decimal number is REAL; anything else (``007``, ``1,5``, `` 3``, ``NaN``) stays text."""
     if not cell:
         return None
+    if cell[0] not in _NUMBER_START:
+        return cell  # both patterns start with a sign or a digit: most text is settled here, cheaply
     if _INTEGER.fullmatch(cell):
         number = int(cell)
         return number if INT64_MIN <= number <= INT64_MAX else cell

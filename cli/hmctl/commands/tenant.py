@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+from hivemind.envelope import HpkePublicKeys, seal_provider_key
 from hivemind.tokens import Secret
 
 from hmctl.client import ApiClient
 from hmctl.commands.common import JsonFlag, YesFlag
 from hmctl.console import Ui
 from hmctl.errors import UsageError
-from hmctl.provider_keys import provider_key_path, seal_provider_key
+from hmctl.provider_keys import provider_key_path
 from hmctl.rooms import SIMULATED_HINT, verified_runners
 from hmctl.rotation import rotate_key
 from hmctl.session import app_state
@@ -99,7 +100,10 @@ def set_provider_key(
             runner = choose_runner(checks, simulated_hint=SIMULATED_HINT)
             api_key = ui.prompt_secret(f"API key for {provider}:")
             sealed = seal_provider_key(
-                runner, tenant_id=profile.tenant_id, provider=provider, api_key=api_key
+                HpkePublicKeys.from_suites(runner.hpke_public_keys),
+                tenant_id=profile.tenant_id,
+                provider=provider,
+                api_key=api_key,
             )
             answer = api.put(
                 provider_key_path(provider),

@@ -426,10 +426,19 @@ def _emulator_session(region: str) -> boto3.session.Session:
 _POLL_S = 0.2
 
 
+# The option that moves a process to another port, for the "address in use" hint.
+_PORT_OPTIONS = {"api": "--port", "moto": "--aws-port"}
+
+
 def _failed_to_start(proc: ProcessRecord, why: str) -> DevStackError:
     log = processes.tail(Path(proc.log))
+    hint = None
+    if "in use" in log and proc.name in _PORT_OPTIONS:
+        option = _PORT_OPTIONS[proc.name]
+        hint = f"another program listens on that port: pass {option} PORT, or {option} 0 for any free port"
     return DevStackError(
         f"{proc.name} {why}. Last lines of {proc.log}:\n{log}" if log else f"{proc.name} {why} ({proc.log})",
+        hint=hint,
         code="dev_stack_start_failed",
     )
 

@@ -16,7 +16,6 @@ from datetime import UTC, date, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Response
-from hivemind.envelope import X25519PublicB64
 from hivemind.errors import (
     Conflict,
     InvalidInput,
@@ -26,8 +25,8 @@ from hivemind.errors import (
     ServiceUnavailable,
 )
 from hivemind.ledger import MAX_AMOUNT, LedgerEntry, LedgerRef
-from hivemind.manifest import Ed25519PublicB64, ProviderName
-from hivemind.models import Sha256Hex, StrictModel, UnixSeconds
+from hivemind.manifest import ProviderName
+from hivemind.models import Ed25519PublicB64, Sha256Hex, StrictModel, UnixSeconds, X25519PublicB64
 from hivemind.store.billing import CreditCode
 from hivemind.store.credentials import CredentialKind, CredentialRecord
 from hivemind.store.prices import RunnerFee, TokenPrice

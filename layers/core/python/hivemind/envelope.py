@@ -1,4 +1,5 @@
-"""HPKE sealing (RFC 9180): run envelopes to the runner, output keys to the requester (DESIGN §6, §7).
+"""HPKE sealing (RFC 9180): run envelopes, sealed agent keys and tenant provider keys to the attested
+runner, output keys to the requester (DESIGN §6, §7, §8).
 
 Two suites, both base mode with HKDF-SHA256 and AES-256-GCM:
 
@@ -8,9 +9,10 @@ Two suites, both base mode with HKDF-SHA256 and AES-256-GCM:
   keys (reply keys and owner box keys are X25519).
 
 Every seal binds a context through the HPKE ``info`` (run envelopes: the room; output keys: the run and
-the recipient role), so ciphertext moved to another room, run or recipient does not open. The public
-HPKE API of ``cryptography`` takes no AEAD associated data; ``info`` enters the key schedule, so binding
-the context there is equally strong.
+the recipient role; agent keys: the agent; provider keys: the tenant and the provider), so ciphertext
+moved to another room, run, recipient, agent, tenant or provider, or replayed as another kind of
+secret, does not open. The public HPKE API of ``cryptography`` takes no AEAD associated data; ``info``
+enters the key schedule, so binding the context there is equally strong.
 
 The runner derives its key pair from a 32-byte seed (dstack KMS or a local seed file), so every instance
 of the runner app holds the same keys. Replays are refused by nonce and expiry through a
@@ -40,13 +42,27 @@ from hivemind.canonical import canonical_json
 from hivemind.encoding import b64decode, b64encode, sha256_hex
 from hivemind.errors import EnvelopeError, ExpiredError, InvalidInput, ReplayError, ServiceUnavailable
 from hivemind.keys import HKDF_SALT, public_bytes
-from hivemind.models import Budgets, Identifier, Sha256Hex, StrictModel, UnixSeconds
+from hivemind.models import (
+    Base64Url,
+    Budgets,
+    Identifier,
+    Key256B64,
+    Sha256Hex,
+    StrictModel,
+    UnixSeconds,
+    X25519PublicB64,
+    b64url_bytes,
+)
 
 SEALED_VERSION = 1
 RUN_INFO_PREFIX = b"hivemind-run-v1|"
 OUTPUT_INFO_PREFIX = b"hivemind-output-v1|"
+AGENT_KEY_INFO_PREFIX = b"hivemind-agent-v1|"
+PROVIDER_KEY_INFO_PREFIX = b"hivemind-provider-key-v1|"
 RUNNER_KEY_SEED_BYTES = 32
 OUTPUT_KEY_BYTES = 32
+AGENT_KEY_BYTES = 32
+MAX_PROVIDER_KEY_CHARS = 4096
 RUN_NONCE_BYTES = 16
 DEFAULT_RUN_ENVELOPE_TTL_S = 3600
 # A nonce must be remembered until its envelope expires; the cap bounds what a replay guard holds.
@@ -58,32 +74,7 @@ _X25519_BYTES = 32
 _HYBRID_SEED_BYTES = 32
 _MLKEM_SEED_BYTES = 64
 
-
-# --- base64url fields of a fixed size ----------------------------------------------------------------
-
-
-def b64url_bytes(min_bytes: int, max_bytes: int, what: str) -> Callable[[str], str]:
-    """A pydantic validator: canonical unpadded base64url holding ``min_bytes..max_bytes`` bytes."""
-
-    def check(value: str) -> str:
-        try:
-            raw = b64decode(value)
-        except InvalidInput:
-            raise ValueError(f"{what} is not unpadded base64url") from None
-        # One byte string, one text: a re-encoding must give the same text back.
-        if b64encode(raw) != value:
-            raise ValueError(f"{what} is not canonical unpadded base64url")
-        if not min_bytes <= len(raw) <= max_bytes:
-            size = str(min_bytes) if min_bytes == max_bytes else f"{min_bytes} to {max_bytes}"
-            raise ValueError(f"{what} must be {size} bytes, got {len(raw)}")
-        return value
-
-    return check
-
-
-Base64Url = Annotated[str, AfterValidator(b64url_bytes(1, 1 << 30, "value"))]
-X25519PublicB64 = Annotated[str, AfterValidator(b64url_bytes(32, 32, "an X25519 public key"))]
-Key256B64 = Annotated[str, AfterValidator(b64url_bytes(32, 32, "a 256-bit key"))]
+# Field types of this module's sizes; the shared base64url types are in hivemind.models.
 NonceB64 = Annotated[str, AfterValidator(b64url_bytes(RUN_NONCE_BYTES, 64, "a nonce"))]
 HybridPublicB64 = Annotated[
     str, AfterValidator(b64url_bytes(1216, 1216, "an MLKEM768-X25519 public key (ek_PQ || ek_T)"))
@@ -452,3 +443,77 @@ def open_output_key(
     if len(output_key) != OUTPUT_KEY_BYTES:
         raise EnvelopeError("sealed output key has the wrong length")
     return output_key
+
+
+# --- secrets sealed to the attested runner -----------------------------------------------------------
+
+
+def agent_key_info(agent_id: str) -> bytes:
+    """HPKE info of a sealed agent's source key: bound to the agent it opens."""
+    if not agent_id or "|" in agent_id:
+        raise InvalidInput("an agent id is non-empty and has no '|'")
+    return AGENT_KEY_INFO_PREFIX + agent_id.encode()
+
+
+def seal_agent_key(
+    runner_keys: HpkePublicKeys, agent_key: bytes, *, agent_id: str, suite: HpkeSuite = DEFAULT_SUITE
+) -> SealedEnvelope:
+    """Uploader side: seal a sealed agent's 32-byte HMS1 source key to the runner's attested keys."""
+    if len(agent_key) != AGENT_KEY_BYTES:
+        raise InvalidInput(f"an agent key is {AGENT_KEY_BYTES} bytes")
+    return seal_to(runner_keys, agent_key, info=agent_key_info(agent_id), suite=suite)
+
+
+def open_agent_key(keypair: HpkeKeyPair, sealed: SealedEnvelope, *, agent_id: str) -> bytes:
+    """Runner side: the source key of ``agent_id``; anything else raises :class:`EnvelopeError`."""
+    agent_key = open_sealed(keypair, sealed, info=agent_key_info(agent_id))
+    if len(agent_key) != AGENT_KEY_BYTES:
+        raise EnvelopeError("a sealed agent key has the wrong length")
+    return agent_key
+
+
+def provider_key_info(tenant_id: str, provider: str) -> bytes:
+    """HPKE info of a tenant's provider key: bound to the tenant and the provider it is for."""
+    if not tenant_id or not provider or "|" in tenant_id or "|" in provider:
+        raise InvalidInput("a provider key is bound to a non-empty tenant id and provider name")
+    return PROVIDER_KEY_INFO_PREFIX + tenant_id.encode() + b"|" + provider.encode()
+
+
+def _provider_key_problem(api_key: str) -> str | None:
+    # Only a printable token may reach an Authorization header: no spaces, no control characters.
+    if not api_key or len(api_key) > MAX_PROVIDER_KEY_CHARS:
+        return f"an API key is 1 to {MAX_PROVIDER_KEY_CHARS} characters"
+    if any(not 0x21 <= ord(character) <= 0x7E for character in api_key):
+        return "an API key is printable ASCII without spaces (check what you pasted)"
+    return None
+
+
+def seal_provider_key(
+    runner_keys: HpkePublicKeys,
+    *,
+    tenant_id: str,
+    provider: str,
+    api_key: str,
+    suite: HpkeSuite = DEFAULT_SUITE,
+) -> SealedEnvelope:
+    """Tenant side: seal the tenant's own API key for ``provider`` to the runner's attested keys.
+
+    Refuses (:class:`InvalidInput`) a key the runner would refuse to open.
+    """
+    problem = _provider_key_problem(api_key)
+    if problem is not None:
+        raise InvalidInput(problem)
+    return seal_to(runner_keys, api_key.encode(), info=provider_key_info(tenant_id, provider), suite=suite)
+
+
+def open_provider_key(keypair: HpkeKeyPair, sealed: SealedEnvelope, *, tenant_id: str, provider: str) -> str:
+    """Runner side: a tenant's API key for ``provider``. Another tenant's or provider's key, a tampered
+    one, or one that is not a printable token raises :class:`EnvelopeError`."""
+    plaintext = open_sealed(keypair, sealed, info=provider_key_info(tenant_id, provider))
+    try:
+        api_key = plaintext.decode("ascii")
+    except UnicodeDecodeError:
+        raise EnvelopeError("the sealed provider key is not a printable token") from None
+    if _provider_key_problem(api_key) is not None:
+        raise EnvelopeError("the sealed provider key is not a printable token")
+    return api_key

@@ -28,7 +28,6 @@ from urllib.parse import urlsplit
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from pydantic import (
-    AfterValidator,
     Field,
     StrictBool,
     StrictInt,
@@ -39,7 +38,7 @@ from pydantic import (
 
 from hivemind.canonical import canonical_json, canonical_sha256, refuse_floats
 from hivemind.encoding import b64decode, b64encode, sha256_hex
-from hivemind.envelope import RoomId, X25519PublicB64, b64url_bytes
+from hivemind.envelope import RoomId
 from hivemind.errors import (
     InvalidInput,
     InvalidLink,
@@ -52,6 +51,8 @@ from hivemind.errors import (
 from hivemind.keys import public_bytes
 from hivemind.models import (
     BudgetLimits,
+    Ed25519PublicB64,
+    Ed25519SignatureB64,
     Identifier,
     OutputVisibility,
     QueryMode,
@@ -59,6 +60,8 @@ from hivemind.models import (
     StrictModel,
     UnixSeconds,
     Visibility,
+    X25519PublicB64,
+    b64url_bytes,
 )
 from hivemind.policy import ScopePolicy
 from hivemind.tokens import Secret, TokenKind
@@ -72,8 +75,6 @@ LINK_SCHEME = "hmroom://"
 MAX_LINK_CHARS = 4096
 MAX_TEXT_CHARS = 100_000
 
-Ed25519PublicB64 = Annotated[str, AfterValidator(b64url_bytes(32, 32, "an Ed25519 public key"))]
-Ed25519SignatureB64 = Annotated[str, AfterValidator(b64url_bytes(64, 64, "an Ed25519 signature"))]
 ProviderName = Annotated[str, Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")]
 
 

@@ -1,19 +1,52 @@
 """Small shared vocabulary used across manifests, envelopes, runs and receipts (DESIGN §5-§7).
 
 Signed documents hold no floats (§16.12): durations are integer seconds or milliseconds, times are
-integer Unix seconds.
+integer Unix seconds. Bytes travel as canonical unpadded base64url of a checked size (:func:`b64url_bytes`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from enum import StrEnum
 from typing import Annotated, Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+from hivemind.encoding import b64decode, b64encode
+from hivemind.errors import InvalidInput
 
 Sha256Hex = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$", description="lowercase hex SHA-256")]
 Identifier = Annotated[str, Field(pattern=r"^[a-z][a-z0-9]*_[a-z0-9]{1,64}$", max_length=80)]
 UnixSeconds = Annotated[int, Field(ge=0, description="integer seconds since the Unix epoch")]
+
+
+# --- base64url fields ----------------------------------------------------------------------------
+
+
+def b64url_bytes(min_bytes: int, max_bytes: int, what: str) -> Callable[[str], str]:
+    """A pydantic validator: canonical unpadded base64url holding ``min_bytes..max_bytes`` bytes."""
+
+    def check(value: str) -> str:
+        try:
+            raw = b64decode(value)
+        except InvalidInput:
+            raise ValueError(f"{what} is not unpadded base64url") from None
+        # One byte string, one text: a re-encoding must give the same text back.
+        if b64encode(raw) != value:
+            raise ValueError(f"{what} is not canonical unpadded base64url")
+        if not min_bytes <= len(raw) <= max_bytes:
+            size = str(min_bytes) if min_bytes == max_bytes else f"{min_bytes} to {max_bytes}"
+            raise ValueError(f"{what} must be {size} bytes, got {len(raw)}")
+        return value
+
+    return check
+
+
+Base64Url = Annotated[str, AfterValidator(b64url_bytes(1, 1 << 30, "value"))]
+X25519PublicB64 = Annotated[str, AfterValidator(b64url_bytes(32, 32, "an X25519 public key"))]
+Ed25519PublicB64 = Annotated[str, AfterValidator(b64url_bytes(32, 32, "an Ed25519 public key"))]
+Ed25519SignatureB64 = Annotated[str, AfterValidator(b64url_bytes(64, 64, "an Ed25519 signature"))]
+Key256B64 = Annotated[str, AfterValidator(b64url_bytes(32, 32, "a 256-bit key"))]
 
 
 class StrictModel(BaseModel):

@@ -22,8 +22,17 @@ from hivemind.encoding import b64decode, b64encode
 from hivemind.envelope import RoomId
 from hivemind.errors import InvalidInput, ReceiptError
 from hivemind.keys import public_bytes
-from hivemind.manifest import Ed25519PublicB64, Ed25519SignatureB64
-from hivemind.models import Identifier, RunStatus, Sha256Hex, Stage, StageUsage, StrictModel, UnixSeconds
+from hivemind.models import (
+    Ed25519PublicB64,
+    Ed25519SignatureB64,
+    Identifier,
+    RunStatus,
+    Sha256Hex,
+    Stage,
+    StageUsage,
+    StrictModel,
+    UnixSeconds,
+)
 
 RECEIPT_VERSION = 1
 RECEIPT_SIGNING_CONTEXT = b"hivemind-receipt-v1\n"
@@ -34,7 +43,9 @@ ErrorCode = Annotated[str, Field(pattern=r"^[a-z][a-z0-9_]{0,63}$")]
 
 
 class ReceiptAgent(StrictModel):
-    """One stage's agent. ``image_digest`` is ``None`` when the process backend ran the source directly."""
+    """One stage's agent. ``image_digest`` is what the sandbox ran: the Docker image ID, or for the process
+    backend a digest over the base rootfs tarball, the SDK and the source digest (docs/sandbox.md). The
+    format admits ``None``; both of the runner's backends always set it."""
 
     stage: Stage
     agent_id: Identifier

@@ -46,6 +46,8 @@ MIN_CHUNK_SIZE: Final = 4 * 1024
 MAX_CHUNK_SIZE: Final = 16 * 1024 * 1024
 DEFAULT_CHUNK_SIZE: Final = 1024 * 1024
 CONTEXT_PREFIX: Final = b"hivemind/v1/hms1|"
+# The room part of a library agent's context: it is bound to no room (room ids start with "room_").
+LIBRARY_AGENT_ROOM: Final = "none"
 
 _HEADER = struct.Struct(">4sBI16s")
 HEADER_SIZE: Final = _HEADER.size  # 25
@@ -78,6 +80,16 @@ class SealContext(StrictModel):
         """HKDF ``info``: ``b"hivemind/v1/hms1|" + tenant_id|room_id|kind|object_id`` in UTF-8."""
         fields = (self.tenant_id, self.room_id, self.kind.value, self.object_id)
         return CONTEXT_PREFIX + "|".join(fields).encode("utf-8")
+
+
+def agent_source_context(tenant_id: str, room_id: str | None, agent_id: str) -> SealContext:
+    """The context of a sealed agent's source: its owner, its room (``"none"`` in a library) and itself."""
+    return SealContext(
+        tenant_id=tenant_id,
+        room_id=LIBRARY_AGENT_ROOM if room_id is None else room_id,
+        kind=ObjectKind.AGENT_SOURCE,
+        object_id=agent_id,
+    )
 
 
 class SealStats(StrictModel):

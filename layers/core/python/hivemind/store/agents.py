@@ -35,7 +35,8 @@ class AgentRecord(Record):
     # Set when the agent was uploaded for one room (an uploadable query agent); None for a library agent.
     room_id: str | None = None
     visibility: Visibility
-    # Digest that manifests pin: SHA-256 of the agent's source archive (before any sealing).
+    # Digest that manifests pin: hivemind.archive.source_digest, the SHA-256 of the JCS of the sorted
+    # file list (not of the archive bytes, sealed or not).
     source_digest: Sha256Hex
     source_key: str
     # The stored (possibly sealed) source object, pinned at commit.
