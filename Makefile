@@ -48,5 +48,9 @@ build/layers/deps/requirements.lock: pyproject.toml infra-cdk/scripts/build_laye
 synth: layers
 	$(PY) infra-cdk/app.py
 
+## eval: leakage scenarios end to end on the local stack (eval/scenarios); fails on any canary leak
+eval: setup docker
+	$(PY) eval/run.py
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -18,7 +18,7 @@ Figures (docs/performance.md, "Ask to verified answer"):
 
 The stack is ``hmctl dev up --background`` in a private temporary directory, stopped at the end.
 Unless ``--no-doc``, the tables replace the generated block of docs/performance.md. Exits 1 when the
-median warm ask is not within 2x its baseline or not under 3 s.
+median warm ask is not within 2x its baseline or not under 3 s (not with ``--quick``, a smoke run).
 
     python tests/bench/bench_e2e.py [--repeat 9] [--cold 3] [--burst 8] [--quick] [--no-doc]
 """
@@ -343,8 +343,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/performance.md alone")
     args = parser.parse_args(argv)
     if args.quick:
-        args.repeat, args.cli_repeat, args.cold, args.burst, args.burst_repeat = 2, 0, 1, 2, 1
-        args.concurrency, args.no_doc = "1,2", True
+        args.repeat, args.cli_repeat, args.cold, args.burst, args.burst_repeat = 1, 0, 1, 2, 1
+        args.concurrency, args.no_doc = "2", True
     levels = [int(level) for level in args.concurrency.split(",") if level]
     loads: list[tuple[float, float, float]] = []
     sections: list[str] = []
@@ -376,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     if not args.no_doc:
         replace_section("e2e", report)
-    return 0 if met else 1
+    # A smoke run is too short to judge the targets; it only has to complete.
+    return 0 if met or args.quick else 1
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from schemathesis.specs.openapi.checks import content_type_conformance, response
 
 pytestmark = [pytest.mark.moto_server, pytest.mark.slow]
 
-EXAMPLES_PER_OPERATION = 8
+EXAMPLES_PER_OPERATION = 5
 SCHEMA = schemathesis.openapi.from_path(Path(__file__).resolve().parents[2] / "docs" / "openapi.json")
 OPERATIONS = {result.ok().label: result.ok() for result in SCHEMA.get_all_operations()}
 

@@ -1,13 +1,22 @@
 """A participant's own query agent: an approximate median through aggregate-only SQL.
 
 Rooms that release aggregates only do not offer MEDIAN, and a median is one row's value anyway. This
-agent estimates it from a histogram the room does allow: it counts rows per band of the column
-(``("salary" / 10000) * 10000 AS band``, ``COUNT(*)``), which the runner cuts to bands holding at
-least the room's minimum group size. From the overall count and the reported bands it finds the band
-holding the middle row, and says honestly how uncertain that is when small bands were withheld.
+agent estimates it from a histogram the room does allow. The runner's SQL gate groups by plain
+columns only (``GROUP BY salary / 10000`` is refused as ``group_by_expression``), so each band is
+its own count with a range filter::
 
-It needs COUNT; it uses AVG (or SUM) to pick a band width and falls back to 1000 without them. The
-banding assumes an INTEGER column (integer division).
+    SELECT COUNT(*) AS n FROM "people" WHERE "salary" >= 80000 AND "salary" < 90000
+
+The runner answers such a count only when it reaches the room's minimum group size, so a band
+holding fewer rows is withheld, exactly as a grouped histogram would be. The agent walks outwards
+from the band holding the mean and stops on each side once fewer than the minimum rows lie beyond
+(``"salary" >= 150000``, again a count the runner withholds). From the overall count and the
+reported bands it finds the band holding the middle row, and says honestly how uncertain that is
+when small bands were withheld. The intermediate counts stay inside the agent; only bands the room
+reported leave.
+
+It needs COUNT; it uses AVG (or SUM) to pick a band width and a starting band, and falls back to
+bands of 1000 from 0 without them. A refused query is answered with the bridge's reason.
 """
 
 from __future__ import annotations
@@ -16,11 +25,13 @@ import math
 import re
 from dataclasses import dataclass
 
-from hivemind_agent import Context, Schema, SqlResult
+from hivemind_agent import BudgetExhausted, Context, Denied, Schema, SqlResult
 
 NUMERIC_TYPE_MARKS = ("INT", "REAL", "FLOA", "DOUB", "NUM", "DEC")
 TARGET_BANDS = 8
 FALLBACK_WIDTH = 1000
+# Bands queried at most (two counts each): bounds the work when the width is far too small.
+MAX_BANDS = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,24 +77,51 @@ def _quote(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
+def count_where(ctx: Context, table: str, condition: str) -> int | None:
+    """``COUNT(*)`` of the rows matching ``condition``; None when the room withholds it (too few rows)."""
+    result = ctx.sql(f"SELECT COUNT(*) AS n FROM {table} WHERE {condition}")  # noqa: S608
+    return int(result.rows[0][0]) if result.rows else None
+
+
 def histogram(ctx: Context, table: str, column: str, functions: tuple[str, ...]) -> Histogram | None:
     t, c = _quote(table), _quote(column)
-    width = FALLBACK_WIDTH
     if "AVG" in functions:
-        overall: SqlResult = ctx.sql(f"SELECT COUNT(*) AS n, AVG({c}) AS mean FROM {t}")  # noqa: S608
+        overall: SqlResult = ctx.sql(f"SELECT COUNT({c}) AS n, AVG({c}) AS mean FROM {t}")  # noqa: S608
     elif "SUM" in functions:
-        overall = ctx.sql(f"SELECT COUNT(*) AS n, SUM({c}) * 1.0 / COUNT(*) AS mean FROM {t}")  # noqa: S608
+        overall = ctx.sql(f"SELECT COUNT({c}) AS n, SUM({c}) * 1.0 / COUNT({c}) AS mean FROM {t}")  # noqa: S608
     else:
-        overall = ctx.sql(f"SELECT COUNT(*) AS n FROM {t}")  # noqa: S608
+        overall = ctx.sql(f"SELECT COUNT({c}) AS n FROM {t}")  # noqa: S608
     if not overall.rows:
-        return None  # fewer rows than the room's minimum group: nothing may be said
+        return None  # fewer values than the room's minimum group: nothing may be said
     total = int(overall.rows[0][0] or 0)
-    if len(overall.rows[0]) > 1 and isinstance(overall.rows[0][1], int | float):
-        width = nice_width(float(overall.rows[0][1]))
-    bands = ctx.sql(
-        f"SELECT ({c} / {width}) * {width} AS band, COUNT(*) AS n FROM {t} GROUP BY band ORDER BY band"  # noqa: S608
-    )
-    return Histogram(total=total, bands=tuple((int(b), int(n)) for b, n in bands.rows), width=width)
+    mean = overall.rows[0][1] if len(overall.rows[0]) > 1 else None
+    width, anchor = FALLBACK_WIDTH, 0
+    if isinstance(mean, int | float) and not isinstance(mean, bool) and math.isfinite(mean):
+        width = nice_width(abs(float(mean)))
+        anchor = math.floor(mean / width) * width
+
+    def band(start: int) -> int | None:
+        return count_where(ctx, t, f"{c} >= {start} AND {c} < {start + width}")
+
+    bands: dict[int, int] = {}
+    queried = 0
+    # Upwards from the mean's band, while the room reports enough rows above the band just counted.
+    start = anchor
+    while queried < MAX_BANDS:
+        queried += 1
+        if rows := band(start):
+            bands[start] = rows
+        start += width
+        if not count_where(ctx, t, f"{c} >= {start}"):
+            break
+    # Downwards, while the room reports enough rows below the lowest band counted.
+    start = anchor
+    while queried < MAX_BANDS and count_where(ctx, t, f"{c} < {start}"):
+        queried += 1
+        start -= width
+        if rows := band(start):
+            bands[start] = rows
+    return Histogram(total=total, bands=tuple(sorted(bands.items())), width=width)
 
 
 def median_band_range(h: Histogram) -> tuple[int | None, int | None]:
@@ -127,7 +165,12 @@ def answer(ctx: Context) -> str:
     if picked is None:
         return "This room shows no numeric column to take a median of."
     table, column = picked
-    h = histogram(ctx, table, column, functions)
+    try:
+        h = histogram(ctx, table, column, functions)
+    except BudgetExhausted:
+        raise  # the run is out of budget: the stage fails rather than answer half
+    except Denied as refused:
+        return f"The room refused a query this agent needs ({refused.message})."
     if h is None or not h.bands:
         return f"The room reports too few rows of {table} to estimate a median of {column}."
     low, high = median_band_range(h)
