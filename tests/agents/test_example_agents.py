@@ -55,7 +55,9 @@ def test_the_median_agent_estimates_from_an_aggregate_histogram(people_tables: d
     assert f"{withheld} rows fall in bands too small" in text
     numbers = [int(n.replace(",", "")) for n in re.findall(r"\d[\d,]*", text.splitlines()[0].split("(")[0])]
     assert numbers and min(numbers) <= statistics.median(salaries) <= max(numbers)
-    assert all("GROUP BY band" in sql or "COUNT(*) AS n, AVG" in sql for sql in session.sql)
+    # The runner refuses GROUP BY on an expression (group_by_expression), which this fake bridge lets
+    # through; tests/runner/test_examples_pipeline.py runs the agent against the real gate.
+    assert session.sql and not [sql for sql in session.sql if "GROUP BY" in sql]
 
 
 # --- (b) the masking mediator -----------------------------------------------------------------------

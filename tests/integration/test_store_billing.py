@@ -289,6 +289,30 @@ def test_tampering_with_the_stored_ledger_is_detected(clocked_store: Store, aws:
     assert caught.value.details["seq"] == 1
 
 
+def test_a_stored_entry_that_breaks_the_entry_model_is_ledger_invalid(
+    clocked_store: Store, aws: AwsClients
+) -> None:
+    billing = clocked_store.billing
+    billing.grant("tenant_a", 1_000)
+    billing.hold("tenant_a", "run_1", 300, enforce=True)
+    billing.grant("tenant_b", 500)
+    aws.dynamodb.update_item(  # a hold that also credits: no transaction writes that shape
+        TableName=aws.config.table_name(TableRole.LEDGER),
+        Key={"tenant_id": {"S": "tenant_a"}, "seq": {"N": "2"}},
+        UpdateExpression="SET amount = :credit",
+        ExpressionAttributeValues={":credit": {"N": "1"}},
+    )
+    with pytest.raises(LedgerError, match="usage_hold entry only increases the held amount") as caught:
+        billing.verify("tenant_a")
+    assert caught.value.details == {"tenant_id": "tenant_a", "seq": 2}
+    with pytest.raises(LedgerError):
+        billing.verify_all()
+    assert billing.verify("tenant_b") == 1
+    # Reading the entries back (the tenant's ledger listing) fails the same way.
+    with pytest.raises(LedgerError, match="seq 2"):
+        billing.list_ledger("tenant_a")
+
+
 def test_an_entry_written_past_the_account_head_is_detected(clocked_store: Store, aws: AwsClients) -> None:
     billing = clocked_store.billing
     first = billing.grant("tenant_a", 1_000)

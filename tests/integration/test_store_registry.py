@@ -20,6 +20,7 @@ from hivemind.store import AwsClients, Store
 from hivemind.store.agents import AgentRecord, AgentState
 from hivemind.store.audit import AuditKind
 from hivemind.store.blobs import StoredObject
+from hivemind.store.rooms import RoomRecord
 from hivemind.store.runners import RunnerRecord, RunnerStatus
 from hivemind.store.schema import TableRole, agent_source_key
 from hivemind.store.tenants import TenantRecord, TenantStatus
@@ -122,6 +123,17 @@ def test_runners_are_live_while_they_heartbeat(clocked_store: Store, clock: Fake
 def test_audit_chain_appends_concurrently_without_gaps_and_detects_tampering(
     clocked_store: Store, aws: AwsClients
 ) -> None:
+    clocked_store.rooms.create(
+        RoomRecord(
+            room_id="room_a",
+            tenant_id="owner",
+            envelope={"manifest": {"room_id": "room_a"}},
+            manifest_hash="a" * 64,
+            revision=1,
+            created_at=T0,
+            updated_at=T0,
+        )
+    )
     audit = clocked_store.audit
     audit.append("room_a", AuditKind.ROOM_CREATED, actor="owner", details={"revision": 1})
     with ThreadPoolExecutor(max_workers=6) as pool:

@@ -10,6 +10,7 @@ from hivemind.errors import InvalidInput, StoreError
 from hivemind.store import AwsClients, Store, StoreConfig
 from hivemind.store.audit import AuditKind
 from hivemind.store.bootstrap import create_all
+from hivemind.store.rooms import RoomRecord
 from hivemind.store.schema import (
     RUNS_MAX_RECEIVE_COUNT,
     SCHEMA,
@@ -133,6 +134,18 @@ def test_key_layout_refuses_path_tricks(bad: str) -> None:
 
 
 def test_pagination_cursor_cannot_leave_its_partition(store: Store) -> None:
+    for room_id in ("room_one", "room_two"):
+        store.rooms.create(
+            RoomRecord(
+                room_id=room_id,
+                tenant_id="tenant_one",
+                envelope={"manifest": {"room_id": room_id}},
+                manifest_hash="a" * 64,
+                revision=1,
+                created_at=1_700_000_000,
+                updated_at=1_700_000_000,
+            )
+        )
     for index in range(3):
         store.audit.append("room_one", AuditKind.DATA_ADDED, actor=f"actor{index}")
     store.audit.append("room_two", AuditKind.DATA_ADDED, actor="someone")

@@ -65,6 +65,7 @@ from hivemind.errors import (
     WrapError,
 )
 from hivemind.keys import public_bytes, unwrap_dek, wrap_key
+from hivemind.ledger import entry_hash
 from hivemind.manifest import SignedManifest, verify_manifest
 from hivemind.models import Budgets, ObjectKind, RunStatus, Stage, StageUsage, TeeKind
 from hivemind.receipt import (
@@ -281,25 +282,7 @@ def test_tampered_wrap_does_not_open_for_its_bearer(hm_lambda: Any, case: str) -
 # --- inspectable agent sources: the files route re-reads the pinned source -------------------------
 
 
-_SOURCE_BUG = pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: GET /v1/room-agents/{id}/files[/{path}] answers 400 invalid_archive (a client error) when "
-        "the stored, committed source no longer parses; api.md documents 409 agent_source_invalid for "
-        "any change of the stored source"
-    ),
-)
-
-
-@pytest.mark.parametrize(
-    "case",
-    [
-        pytest.param("flip", marks=_SOURCE_BUG),
-        pytest.param("truncate", marks=_SOURCE_BUG),
-        "swap-other-agent",
-        "replay-rejected-upload",
-    ],
-)
+@pytest.mark.parametrize("case", ["flip", "truncate", "swap-other-agent", "replay-rejected-upload"])
 def test_tampered_inspectable_source_is_refused_when_read(hm_lambda: Any, case: str) -> None:
     hm = hm_lambda
     alice = hm.tenant("alice")
@@ -816,16 +799,8 @@ def _tamper_ledger(store: Store, case: str, tenant: str, other: str) -> None:
         raise AssertionError(case)
 
 
-_LEDGER_SHAPE_BUG = pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: a stored ledger entry that breaks the entry model (e.g. a usage_hold with a non-zero amount) "
-        "makes BillingRepository.verify raise pydantic's ValidationError instead of ledger_invalid naming "
-        "the seq (docs/storage.md), and GET /v1/admin/billing/verify answers 500 instead of 409"
-    ),
-)
 LEDGER_TAMPERS = [
-    pytest.param("malformed-entry", marks=_LEDGER_SHAPE_BUG),
+    "malformed-entry",
     "flip-amount",
     "flip-hash",
     "delete-entry",
@@ -861,7 +836,15 @@ def test_tampered_ledger_is_found_by_verification_and_the_admin_route(hm_lambda:
 
 # --- audit events ---------------------------------------------------------------------------------
 
-AUDIT_TAMPERS = ["flip-details", "flip-hash", "delete-event", "swap-other-room", "reorder"]
+AUDIT_TAMPERS = [
+    "flip-details",
+    "flip-hash",
+    "delete-event",
+    "swap-other-room",
+    "reorder",
+    "insert-past-head",
+    "roll-back-head",
+]
 
 
 @pytest.mark.parametrize("case", AUDIT_TAMPERS)
@@ -885,6 +868,20 @@ def test_tampered_audit_log_is_reported_by_the_audit_route(hm_lambda: Any, case:
         row = read_row(store, TableRole.AUDIT, {"room_id": other.room_id, "seq": 2})
         row["room_id"] = room.room_id
         put_row(store, TableRole.AUDIT, row)
+    elif case == "insert-past-head":  # a well-linked event the anchored head never covered
+        length = store.audit.verify(room.room_id)
+        newest = read_row(store, TableRole.AUDIT, {"room_id": room.room_id, "seq": length})
+        fields = {**newest, "seq": length + 1, "prev_hash": newest["hash"], "details": {"forged": True}}
+        del fields["hash"]
+        put_row(store, TableRole.AUDIT, {**fields, "hash": entry_hash(newest["hash"], fields)})
+    elif case == "roll-back-head":  # the room's anchor points at seq 2 again, as if 3.. never happened
+        two = read_row(store, TableRole.AUDIT, key)
+        edit_row(
+            store,
+            TableRole.ROOMS,
+            {"room_id": room.room_id, "sk": "manifest"},
+            lambda row: row.update(audit_head_seq=2, audit_head_hash=two["hash"]),
+        )
     else:
         two = read_row(store, TableRole.AUDIT, key)
         three = read_row(store, TableRole.AUDIT, {"room_id": room.room_id, "seq": 3})
@@ -900,20 +897,20 @@ def test_tampered_audit_log_is_reported_by_the_audit_route(hm_lambda: Any, case:
     assert hm.api.get(f"/v1/rooms/{other.room_id}/audit", token=alice.token).ok()["chain"]["valid"] is True
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "BUG: the audit log has no anchored head (unlike the ledger's account head): deleting the newest "
-        "events of a room (e.g. the last invite_created) leaves a chain that still verifies"
-    ),
-)
 def test_deleting_the_newest_audit_events_is_detected(hm_lambda: Any) -> None:
     hm = hm_lambda
     alice = hm.tenant("alice")
     room = hm.room(alice)
     hm.invite(room)
+    hm.invite(room)
     store: Store = hm.store
     length = store.audit.verify(room.room_id)
-    delete_row(store, TableRole.AUDIT, {"room_id": room.room_id, "seq": length})
-    with pytest.raises(IntegrityError):
+    for seq in (length, length - 1):  # the two newest events: the remaining chain links up fine
+        delete_row(store, TableRole.AUDIT, {"room_id": room.room_id, "seq": seq})
+    with pytest.raises(IntegrityError) as refused:
         store.audit.verify(room.room_id)
+    assert refused.value.code == "audit_truncated"
+    assert refused.value.details["seq"] == length - 1
+    listed = hm.api.get(f"/v1/rooms/{room.room_id}/audit", token=alice.token).ok()
+    assert listed["chain"]["valid"] is False
+    assert listed["chain"]["error"]["error"] == "audit_truncated"

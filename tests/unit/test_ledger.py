@@ -16,6 +16,8 @@ from hivemind.ledger import (
     account_after,
     entry_hash,
     next_entry,
+    stored_account,
+    stored_entry,
     verify_chain,
 )
 from pydantic import ValidationError
@@ -154,6 +156,45 @@ def test_impossible_entries_cannot_be_built_or_parsed() -> None:
     entries, _ = build_chain()
     with pytest.raises(ValidationError, match="credit_grant entry adds a positive amount"):
         LedgerEntry.model_validate({**entries[0].model_dump(), "amount": -1000})
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ({"amount": 1}, "usage_hold entry only increases the held amount"),  # a hold that also credits
+        ({"kind": "usage_gift"}, "kind"),
+        ({"held_after": -1}, "held_after"),
+        ({"hash": "not-a-hash"}, "hash"),
+        ({"extra": True}, "extra"),
+    ],
+)
+def test_stored_entry_that_breaks_the_model_is_ledger_invalid_naming_its_seq(
+    change: dict[str, object], problem: str
+) -> None:
+    entries, _ = build_chain()
+    hold = entries[1].model_dump(mode="json")
+    assert stored_entry(hold) == entries[1]
+    with pytest.raises(LedgerError, match=problem) as refused:
+        stored_entry({**hold, **change})
+    assert refused.value.code == "ledger_invalid"
+    assert refused.value.details == {"tenant_id": "tenant_a", "seq": 2}
+
+
+def test_stored_entry_without_a_usable_seq_still_fails_as_ledger_invalid() -> None:
+    entries, _ = build_chain()
+    row = {**entries[0].model_dump(mode="json"), "seq": "1", "tenant_id": 7}
+    with pytest.raises(LedgerError, match=r"tenant \? seq \?: the stored entry") as refused:
+        stored_entry(row)
+    assert refused.value.details == {}
+
+
+def test_stored_account_that_breaks_the_model_is_ledger_invalid() -> None:
+    _, account = build_chain()
+    row = account.model_dump(mode="json")
+    assert stored_account(row) == account
+    with pytest.raises(LedgerError, match="held") as refused:
+        stored_account({**row, "held": -5})
+    assert (refused.value.code, refused.value.details) == ("ledger_invalid", {"tenant_id": "tenant_a"})
 
 
 def test_entry_hash_refuses_bad_prev_hash_and_self_coverage() -> None:

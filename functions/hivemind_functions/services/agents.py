@@ -8,20 +8,34 @@ Two kinds of agent:
 
 Inspectable sources are plaintext ``.tar.gz`` archives: the commit streams the pinned object, validates
 it with :func:`hivemind.archive.validate_archive` (paths, member types, sizes, compression ratio) and
-requires the recomputed source digest to equal the declared one. Sealed sources are HMS1 ciphertext the
+requires the recomputed source digest to equal the declared one. Reading the files later downloads the
+pinned version, checks it against the recorded size and SHA-256, and only then parses it: a committed
+source that no longer verifies or parses was changed in storage (409 ``agent_source_invalid``), never
+the caller's fault. Sealed sources are HMS1 ciphertext the
 control plane cannot read: the commit checks size and SHA-256 only; the runner decrypts, re-validates
 and recomputes the digest, and refuses a mismatch.
 """
 
 from __future__ import annotations
 
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import IO, Any
 
 from hivemind.archive import DEFAULT_LIMITS, AgentManifest, ArchiveLimits, read_archive_file, validate_archive
 from hivemind.encoding import sha256_hex
 from hivemind.envelope import SealedEnvelope
-from hivemind.errors import Conflict, Forbidden, IntegrityError, InvalidInput, NotFound, PayloadTooLarge
+from hivemind.errors import (
+    Conflict,
+    Forbidden,
+    IntegrityError,
+    InvalidArchive,
+    InvalidInput,
+    NotFound,
+    PayloadTooLarge,
+)
 from hivemind.models import QueryMode, Visibility
 from hivemind.seal import sealed_size
 from hivemind.store import Store
@@ -37,6 +51,8 @@ from hivemind_functions.services.rooms import load_room, manifest_agent_refs
 
 # One file served by GET /v1/room-agents/{id}/files/{path}: Lambda responses are capped at 6 MB.
 MAX_SERVED_FILE_BYTES = 4 * 1024 * 1024
+# A verified source is buffered in memory up to this size, then on local disk (Lambda's /tmp).
+_SPOOL_BYTES = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -274,7 +290,11 @@ def _inspectable_source(
 def agent_files(services: Services, caller: Caller, agent_id: str) -> tuple[AgentRecord, AgentManifest]:
     """The files of an inspectable agent, re-read from the pinned source and checked against its digest."""
     agent, stored = _inspectable_source(services, caller, agent_id)
-    manifest = _read_manifest(services, stored)
+    with _verified_source(services, agent, stored) as source:
+        try:
+            manifest = validate_archive(source, _archive_limits(services))
+        except InvalidArchive as exc:
+            raise _source_changed(agent, exc.message) from None
     _check_digest(agent, manifest)
     return agent, manifest
 
@@ -285,8 +305,14 @@ def agent_file(services: Services, caller: Caller, agent_id: str, path: str) -> 
     expected = agent.file_digests.get(path)
     if expected is None:
         raise NotFound(f"agent {agent_id} has no file {path!r}", code="file_not_found")
-    chunks = services.store.blobs.iter_chunks(stored.key, version_id=stored.version_id)
-    data = read_archive_file(ChunkReader(chunks), path, _archive_limits(services))
+    with _verified_source(services, agent, stored) as source:
+        try:
+            data = read_archive_file(source, path, _archive_limits(services))
+        except InvalidArchive as exc:
+            raise _source_changed(agent, exc.message) from None
+        except NotFound:
+            # The committed source listed this file (file_digests): a source without it was replaced.
+            raise _source_changed(agent, f"it has no file {path!r}") from None
     if len(data) > MAX_SERVED_FILE_BYTES:
         raise PayloadTooLarge(
             f"{path!r} is {len(data)} bytes; files above {MAX_SERVED_FILE_BYTES} bytes are not served",
@@ -294,18 +320,32 @@ def agent_file(services: Services, caller: Caller, agent_id: str, path: str) -> 
         )
     digest = sha256_hex(data)
     if digest != expected:
-        raise _source_changed(agent)
+        raise _source_changed(agent, f"{path!r} does not match its recorded SHA-256")
     return data, digest
+
+
+@contextmanager
+def _verified_source(services: Services, agent: AgentRecord, stored: StoredObject) -> Iterator[IO[bytes]]:
+    """The pinned source object, read whole and checked against its recorded size and SHA-256 before
+    anything parses it (a stored object that is not what was committed is never handed to the parser)."""
+    with tempfile.SpooledTemporaryFile(max_size=_SPOOL_BYTES) as buffer:
+        try:
+            services.store.blobs.download_verified(stored, buffer)
+        except IntegrityError as exc:
+            raise _source_changed(agent, exc.message) from None
+        buffer.seek(0)
+        yield buffer
 
 
 def _check_digest(agent: AgentRecord, manifest: AgentManifest) -> None:
     if manifest.digest != agent.source_digest:
-        raise _source_changed(agent)
+        raise _source_changed(agent, "its source digest differs")
 
 
-def _source_changed(agent: AgentRecord) -> IntegrityError:
+def _source_changed(agent: AgentRecord, reason: str) -> IntegrityError:
     return IntegrityError(
-        f"the stored source of agent {agent.agent_id} no longer matches its digest",
+        f"the stored source of agent {agent.agent_id} is not the committed one ({reason}); the control "
+        "plane's storage may have been altered",
         code="agent_source_invalid",
     )
 

@@ -3,7 +3,9 @@
 It lists the items this stage may read (the runner has already applied the room's allow-list and
 redaction), scores every sentence by how many of the question's keywords it contains, and quotes the
 best few with the document each came from. It never sees an item the policy does not allow, and
-quotes only redacted text.
+quotes only redacted text. Headings are not quoted (they title a passage, they do not answer), and
+ties go to the document name, then the sentence's place in it: the runner lists items in no
+particular order, and the answer should not depend on it.
 """
 
 from __future__ import annotations
@@ -51,15 +53,18 @@ def answer(ctx: Context) -> str:
     names = ", ".join(info.name for info in items)
     if not terms:
         return f"Ask about a topic in the documents I can read: {names}."
-    hits: list[tuple[int, int, str, str]] = []
-    for order, info in enumerate(items):
+    hits: list[tuple[int, str, int, str]] = []  # (-score, document, place, sentence): best first
+    for info in items:
         try:
             text = ctx.item(info.id).text or ""
         except (NotFound, Denied):
             continue
-        hits += [(score(s, terms), -order, s, info.name) for s in sentences(text) if score(s, terms)]
+        body = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+        passages = sentences(body)
+        hits += [
+            (-score(s, terms), info.name, place, s) for place, s in enumerate(passages) if score(s, terms)
+        ]
     if not hits:
         return f"No document I can read mentions {', '.join(terms)} (searched: {names})."
-    best = sorted(hits, key=lambda hit: (hit[0], hit[1]), reverse=True)[:MAX_QUOTES]
-    quotes = "\n".join(f'> "{sentence}" ({name})' for _, _, sentence, name in best)
+    quotes = "\n".join(f'> "{sentence}" ({name})' for _, name, _, sentence in sorted(hits)[:MAX_QUOTES])
     return f"From {len(items)} documents I may read, the passages about {', '.join(terms)}:\n\n{quotes}"

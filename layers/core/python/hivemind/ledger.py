@@ -18,7 +18,7 @@ from collections.abc import Iterable, Mapping
 from enum import StrEnum
 from typing import Annotated, Any, Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from hivemind.canonical import canonical_json
 from hivemind.errors import LedgerError
@@ -109,6 +109,49 @@ class Account(StrictModel):
     def available(self) -> int:
         """What new holds may still take: balance minus what running work already holds."""
         return self.balance - self.held
+
+
+def stored_entry(fields: Mapping[str, Any]) -> LedgerEntry:
+    """Parse a ledger entry as read back from storage.
+
+    No transaction writes an entry that breaks the model (``next_entry`` checks the same rules), so a
+    stored one that does is tampering: :class:`LedgerError` naming the tenant and seq as far as the row
+    says them, never pydantic's ``ValidationError``.
+    """
+    try:
+        return LedgerEntry.model_validate(dict(fields))
+    except ValidationError as exc:
+        where = {
+            name: fields[name]
+            for name, kind in (("tenant_id", str), ("seq", int))
+            if isinstance(fields.get(name), kind) and not isinstance(fields.get(name), bool)
+        }
+        raise LedgerError(
+            f"tenant {where.get('tenant_id', '?')} seq {where.get('seq', '?')}: the stored entry is not a "
+            f"valid ledger entry ({_problems(exc)})",
+            details=where,
+        ) from None
+
+
+def stored_account(fields: Mapping[str, Any]) -> Account:
+    """Parse an account as read back from storage; one that breaks the model is :class:`LedgerError`."""
+    try:
+        return Account.model_validate(dict(fields))
+    except ValidationError as exc:
+        tenant_id = fields.get("tenant_id")
+        where = {"tenant_id": tenant_id} if isinstance(tenant_id, str) else {}
+        raise LedgerError(
+            f"tenant {where.get('tenant_id', '?')}: the stored account is not valid ({_problems(exc)})",
+            details=where,
+        ) from None
+
+
+def _problems(exc: ValidationError) -> str:
+    """The first few validation problems, without the offending values (they may be large)."""
+    return "; ".join(
+        f"{'.'.join(str(part) for part in error['loc']) or 'entry'}: {error['msg']}"
+        for error in exc.errors(include_url=False, include_input=False)[:3]
+    )
 
 
 def entry_hash(prev_hash: str, entry_fields: Mapping[str, Any]) -> str:

@@ -49,6 +49,8 @@ from hivemind.ledger import (
     account_after,
     effect_problem,
     next_entry,
+    stored_account,
+    stored_entry,
     verify_chain,
 )
 from hivemind.models import Sha256Hex, StrictModel, UnixSeconds
@@ -606,13 +608,11 @@ def _run_marker(run_id: str) -> str:
 
 
 def _account_from_item(item: dict[str, Any]) -> Account:
-    return Account.model_validate({key: value for key, value in item.items() if key in Account.model_fields})
+    return stored_account({key: value for key, value in item.items() if key in Account.model_fields})
 
 
 def _entry_from_item(item: dict[str, Any]) -> LedgerEntry:
-    return LedgerEntry.model_validate(
-        {key: value for key, value in item.items() if key in LedgerEntry.model_fields}
-    )
+    return stored_entry({key: value for key, value in item.items() if key in LedgerEntry.model_fields})
 
 
 def _refuse_unusable_code(code: CreditCode, now: int) -> None:

@@ -1,6 +1,7 @@
 """Rooms: the signed manifest envelope, key wraps per bearer, and data items (DESIGN §5, §9).
 
-One partition per room. Sort keys: ``manifest`` (envelope, hash, revision, status), ``wrap#<bearer>``
+One partition per room. Sort keys: ``manifest`` (envelope, hash, revision, status, and the anchored head
+of the room's audit log, see :mod:`hivemind.store.audit`), ``wrap#<bearer>``
 (the room DEK wrapped for one bearer; useless without that bearer's secret) and ``item#<id>`` (a sealed
 data object's size, SHA-256, content type, metadata, S3 key and pinned version).
 
@@ -14,9 +15,10 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 
 from hivemind.errors import Conflict, Gone, IntegrityError, NotFound, RevisionRollback
+from hivemind.ledger import GENESIS_HASH
 from hivemind.models import Sha256Hex, UnixSeconds
 from hivemind.store.base import Clock, ConditionFailed, Page, Record, Table, TransactionCancelled, transact
 from hivemind.store.blobs import StoredObject
@@ -44,6 +46,17 @@ class RoomRecord(Record):
     created_at: UnixSeconds
     updated_at: UnixSeconds
     deleted_at: UnixSeconds | None = None
+    # The audit log's head (last seq and hash), moved only in the transaction that appends an event.
+    # A new room starts before its first event; the tombstone keeps it (the log outlives the room).
+    audit_head_seq: int = Field(default=0, ge=0)
+    audit_head_hash: Sha256Hex = GENESIS_HASH
+
+
+class AuditHead(Record):
+    """Where a room's audit log ends: seq 0 and the genesis hash before the first event."""
+
+    seq: int = Field(ge=0)
+    hash: Sha256Hex
 
 
 class RoomWrap(Record):
@@ -278,6 +291,41 @@ class RoomRepository:
         if old is None:
             raise NotFound(f"no item {item_id} in room {room_id}")
         return RoomItem.from_item(old)
+
+    # --- audit head ------------------------------------------------------------------------------
+
+    def audit_head(self, room_id: str) -> AuditHead:
+        """The anchored head of the room's audit log (tombstones keep it).
+
+        :class:`NotFound` for an unknown room; ``IntegrityError`` (``audit_unanchored``) for a room record
+        that carries no valid head: every room written by this store has one from its creation.
+        """
+        item = self._table.get({"room_id": room_id, "sk": MANIFEST_SK})
+        if item is None:
+            raise NotFound(f"no room {room_id}")
+        try:
+            return AuditHead(seq=item["audit_head_seq"], hash=item["audit_head_hash"])
+        except (KeyError, ValidationError):
+            raise IntegrityError(
+                f"room {room_id} has no valid anchored audit head, so its audit log cannot be verified",
+                code="audit_unanchored",
+                details={"room_id": room_id},
+            ) from None
+
+    def advance_audit_head_op(self, room_id: str, previous: AuditHead, new: AuditHead) -> dict[str, Any]:
+        """The transaction operation that moves the head from ``previous`` to ``new``; it fails unless
+        the head is still ``previous`` (so concurrent appends serialize) and never creates a record."""
+        return self._table.update_op(
+            {"room_id": room_id, "sk": MANIFEST_SK},
+            update="SET audit_head_seq = :seq, audit_head_hash = :hash",
+            condition="audit_head_seq = :previous_seq AND audit_head_hash = :previous_hash",
+            values={
+                ":seq": new.seq,
+                ":hash": new.hash,
+                ":previous_seq": previous.seq,
+                ":previous_hash": previous.hash,
+            },
+        )
 
     # --- helpers ---------------------------------------------------------------------------------
 

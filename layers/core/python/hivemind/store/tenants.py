@@ -27,12 +27,14 @@ from hivemind.canonical import canonical_json
 from hivemind.envelope import SealedEnvelope
 from hivemind.errors import Conflict, InvalidInput, KeyRotationError, NotFound, PayloadTooLarge
 from hivemind.manifest import MAX_KEY_ROTATIONS, ProviderName, SignedKeyRotation, verify_key_rotation
-from hivemind.models import Ed25519PublicB64, Sha256Hex, UnixSeconds, X25519PublicB64
+from hivemind.models import Sha256Hex, UnixSeconds
 from hivemind.store.base import Clock, ConditionFailed, Page, Record, Table, TransactionCancelled, transact
 from hivemind.store.config import AwsClients
 from hivemind.store.credentials import CredentialRepository
 from hivemind.store.rooms import MANIFEST_SK, WRAP_PREFIX, RoomStatus, RoomWrap
 from hivemind.store.schema import TableRole
+
+_PUBLIC_KEY = r"^[A-Za-z0-9_-]{43}$"  # 32 bytes, unpadded base64url
 
 # DynamoDB transactions hold at most 100 operations: the tenant, the two credential operations, and
 # two per room (manifest, owner wrap). They also carry at most 4 MB; keep the manifests well below.
@@ -68,8 +70,8 @@ def _checked_provider(provider: str) -> str:
 class TenantRecord(Record):
     tenant_id: str = Field(min_length=1, max_length=80)
     name: str = Field(min_length=1, max_length=200)
-    owner_sign_pub: Ed25519PublicB64
-    owner_box_pub: X25519PublicB64
+    owner_sign_pub: str = Field(pattern=_PUBLIC_KEY)
+    owner_box_pub: str = Field(pattern=_PUBLIC_KEY)
     status: TenantStatus = TenantStatus.ACTIVE
     created_at: UnixSeconds
     updated_at: UnixSeconds
