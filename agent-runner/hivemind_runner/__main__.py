@@ -32,10 +32,14 @@ from hivemind_runner.lifecycle import PipelineRunner, RunLifecycle
 from hivemind_runner.llm import LlmConfig, LlmGateway
 from hivemind_runner.pipeline import Pipeline
 from hivemind_runner.sandbox import select_backend
+from hivemind_runner.scoped.spill import spill_to
 from hivemind_runner.tee import DstackTee, SimulatedTee, TeeError, TeeProvider
 from hivemind_runner.telemetry import StructuredLogger, configure_logging
 from hivemind_runner.worker import RunWorker, WorkerSettings
 from hivemind_runner.workspace import WorkspaceFactory
+
+# Under the workspace base (tmpfs): the unlinked temporary files of SQLite's big sorts and groupings.
+SQLITE_SPILL_DIR = "sqlite-spill"
 
 # The pipeline needs the runner's keys (tenants' provider keys are sealed to them) and the store.
 PipelineFactory = Callable[[RunnerSettings, RunnerKeys, Store], PipelineRunner]
@@ -176,6 +180,9 @@ def main(argv: list[str] | None = None, *, pipeline_factory: PipelineFactory = b
         return 2
     configure_logging(settings.log_level)
     logger = StructuredLogger()
+    # Process-wide, before any other thread uses SQLite: big sorts spill to tmpfs, not the runner's heap.
+    spilled = spill_to(settings.workspace_dir / SQLITE_SPILL_DIR)
+    logger.event("sqlite_spill", ram_backed=spilled)
     try:
         runner = Runner(settings, tee=make_tee(settings), pipeline_factory=pipeline_factory, logger=logger)
     except HivemindError as exc:

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 
 import pytest
+from agents_bridge import room_file
+from hivemind_runner.scoped import RoomItem
 
 AGENTS = Path(__file__).resolve().parents[2] / "agents"
 AGENT_DIRS = {
@@ -63,9 +65,9 @@ def people_rows() -> list[tuple[str, str, int]]:
 
 
 @pytest.fixture
-def people_tables() -> dict[str, tuple[list[tuple[str, str]], list[tuple[str, str, int]]]]:
-    columns = [("name", "TEXT"), ("department", "TEXT"), ("salary", "INTEGER")]
-    return {"people": (columns, people_rows())}
+def people_data() -> list[RoomItem]:
+    """The people room's data: sample-data/people.csv as the runner loads it (table ``people``)."""
+    return [room_file(SAMPLE_DATA / "people.csv")]
 
 
 @pytest.fixture

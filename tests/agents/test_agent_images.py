@@ -1,4 +1,4 @@
-"""The default agents as real images on the base image, in the runner's sandbox, against the fake bridge.
+"""The default agents as real images on the base image, in the runner's sandbox, through the runner's bridge.
 
 Each agent directory is built with ``docker build --network none`` (the Dockerfiles only copy code),
 then run the way the runner's Docker backend runs agents (docs/agents.md, "The sandbox"): no network,
@@ -14,8 +14,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from agents_fake_bridge import AGENTS_DIR, FakeBridge, Room, Session, running_bridge
-from conftest import people_rows
+from agents_bridge import AGENTS_DIR, AgentSession, Room, room_file, running_bridge
+from conftest import SAMPLE_DATA, people_rows
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow]
 
@@ -73,11 +73,11 @@ def images() -> Iterator[dict[str, str]]:
             subprocess.run(["docker", "image", "rm", "-f", *built.values()], capture_output=True, check=False)
 
 
-def run_in_sandbox(bridge: FakeBridge, image: str, session: Session) -> subprocess.CompletedProcess[str]:
+def run_in_sandbox(image: str, session: AgentSession) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [
             "docker", "run", "--rm", *SANDBOX,
-            f"--mount=type=bind,source={bridge.socket_path},target={CONTAINER_SOCKET}",
+            f"--mount=type=bind,source={session.socket_path},target={CONTAINER_SOCKET}",
             f"--env=HIVEMIND_BRIDGE={CONTAINER_SOCKET}",
             f"--env=HIVEMIND_SESSION={session.token}",
             f"--env=HIVEMIND_ROLE={session.role}",
@@ -91,8 +91,7 @@ def run_in_sandbox(bridge: FakeBridge, image: str, session: Session) -> subproce
 
 
 def _people_room(people_rules: str) -> Room:
-    columns = [("name", "TEXT"), ("department", "TEXT"), ("salary", "INTEGER")]
-    return Room(tables={"people": (columns, people_rows())}, rules=people_rules)
+    return Room(data=[room_file(SAMPLE_DATA / "people.csv")], rules=people_rules)
 
 
 def test_the_image_holds_code_only_on_the_base_image(images: dict[str, str]) -> None:
@@ -110,14 +109,14 @@ def test_the_image_holds_code_only_on_the_base_image(images: dict[str, str]) -> 
 def test_default_query_answers_inside_the_sandbox(images: dict[str, str], people_rules: str) -> None:
     with running_bridge(_people_room(people_rules)) as bridge:
         average = bridge.open_session("query", "average salary by department", policy=PEOPLE_POLICY)
-        result = run_in_sandbox(bridge, images["default-query"], average)
+        result = run_in_sandbox(images["default-query"], average)
         assert result.returncode == 0, result.stderr
         text = average.result["text"]
         assert "| Engineering |" in text and "| Support |" in text
         assert "Finance" not in text and "Legal" not in text
 
         listing = bridge.open_session("query", "list names and salaries", policy=PEOPLE_POLICY)
-        result = run_in_sandbox(bridge, images["default-query"], listing)
+        result = run_in_sandbox(images["default-query"], listing)
         assert result.returncode == 0, result.stderr
         assert listing.sql == []
         assert not any(name in listing.result["text"] for name, _, _ in people_rows())
@@ -127,26 +126,26 @@ def test_the_default_pipeline_runs_in_containers(images: dict[str, str], people_
     with running_bridge(_people_room(people_rules)) as bridge:
         prompt = "top 2 departments by average salary"
         scope = bridge.open_session("scope", prompt)
-        assert run_in_sandbox(bridge, images["default-scope"], scope).returncode == 0
+        assert run_in_sandbox(images["default-scope"], scope).returncode == 0
         policy: dict[str, Any] = scope.result["json"]
         assert policy["aggregate"]["min_group_size"] == 5
 
         query = bridge.open_session("query", prompt, policy=policy)
-        assert run_in_sandbox(bridge, images["default-query"], query).returncode == 0
+        assert run_in_sandbox(images["default-query"], query).returncode == 0
 
         stage = {"answer": query.result, "output_rules": policy["output"]}
         mediator = bridge.open_session("mediator", prompt, stage=stage)
-        assert run_in_sandbox(bridge, images["default-mediator"], mediator).returncode == 0
+        assert run_in_sandbox(images["default-mediator"], mediator).returncode == 0
     final = mediator.result["text"]
     assert final.startswith("Top 2 department by average salary")
     assert "| Engineering |" in final and "| Sales |" in final
 
 
 def test_a_failing_stage_reports_through_the_socket(images: dict[str, str]) -> None:
-    broken = Room(tables={}, rules="```policy\nmax_rows: lots\n```\n")
+    broken = Room(rules="```policy\nmax_rows: lots\n```\n")
     with running_bridge(broken) as bridge:
         scope = bridge.open_session("scope", "anything")
-        result = run_in_sandbox(bridge, images["default-scope"], scope)
+        result = run_in_sandbox(images["default-scope"], scope)
     assert result.returncode == 1
     assert scope.result["error"]["code"] == "agent_error"
     assert "max_rows: Input should be a valid integer" in scope.result["error"]["message"]

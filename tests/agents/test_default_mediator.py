@@ -6,7 +6,7 @@ import json
 from typing import Any
 
 import pytest
-from agents_fake_bridge import (
+from agents_bridge import (
     AGENTS_DIR,
     LlmFailure,
     Room,
@@ -15,6 +15,7 @@ from agents_fake_bridge import (
     running_bridge,
     scripted,
 )
+from hivemind_runner.scoped import RoomItem
 from mediator_gates import STRICTEST, Answer, OutputRules, RoomShape, apply_gates, room_shape
 from mediator_llm import parse_verdict
 from mediator_rows import delimited_tables, markdown_tables, row_level_reason
@@ -188,7 +189,7 @@ def _mediate(
 
 
 def _llm_room(people_rules: str, *replies: Any) -> Room:
-    return Room(tables={}, rules=people_rules, llm_providers=["openai"], llm_calls=2, llm=scripted(*replies))
+    return Room(rules=people_rules, llm_providers=["openai"], llm_calls=2, llm=scripted(*replies))
 
 
 def test_an_llm_refusal_stands_with_its_reason_redacted(people_rules: str) -> None:
@@ -229,7 +230,7 @@ def test_without_a_usable_review_the_gates_decide(people_rules: str, reply: Any)
 
 
 def test_main_fails_closed_on_a_malformed_answer(people_rules: str) -> None:
-    result, _ = _mediate({"text": None}, {"deny": [], "redact": []}, Room(tables={}, rules=people_rules))
+    result, _ = _mediate({"text": None}, {"deny": [], "redact": []}, Room(rules=people_rules))
     assert result["returncode"] == 1
     assert "stage.answer must be" in result["error"]["message"]
 
@@ -238,9 +239,9 @@ def test_main_fails_closed_on_a_malformed_answer(people_rules: str) -> None:
 
 
 def test_the_people_pipeline_releases_aggregates_and_refuses_nothing_else(
-    people_tables: dict[str, Any], people_rules: str
+    people_data: list[RoomItem], people_rules: str
 ) -> None:
-    with running_bridge(Room(tables=people_tables, rules=people_rules)) as bridge:
+    with running_bridge(Room(data=people_data, rules=people_rules)) as bridge:
         run = run_pipeline(bridge, "average salary by department")
         assert run.final == run.raw  # an aggregate answer passes unchanged
         assert "| Engineering |" in run.final["text"] and "Legal" not in run.final["text"]

@@ -8,7 +8,7 @@ from collections import defaultdict
 from typing import Any
 
 import pytest
-from agents_fake_bridge import (
+from agents_bridge import (
     AGENTS_DIR,
     LlmFailure,
     Room,
@@ -20,6 +20,7 @@ from agents_fake_bridge import (
 )
 from conftest import people_rows
 from hivemind_agent import Denied, Schema, SqlResult
+from hivemind_runner.scoped import RoomItem
 from query_answer import deterministic_answer, example_questions, format_value, help_reply, markdown_table
 from query_intents import Intent, Unmatched, build_sql, name_key, parse_question, resolve_column
 
@@ -286,20 +287,20 @@ def test_number_and_table_formatting() -> None:
     assert markdown_table(["a", "b"], [["1", "x|y"]]) == "| a | b |\n|---|---|\n| 1 | x\\|y |"
 
 
-# --- end to end against the fake bridge (real SQLite, the runner's SQL rules) ----------------------
+# --- end to end through the runner's bridge and SQL gate ------------------------------------------
 
 
-def _ask(people_tables: dict[str, Any], question: str, **room: Any) -> tuple[str, Any]:
-    with running_bridge(Room(tables=people_tables, **room)) as bridge:
+def _ask(people_data: list[RoomItem], question: str, **room: Any) -> tuple[str, Any]:
+    with running_bridge(Room(data=people_data, **room)) as bridge:
         session = bridge.open_session("query", question, policy=PEOPLE_POLICY)
         posted = run_stage(bridge, QUERY_DIR, session)
         return posted["text"], session
 
 
 def test_average_salary_by_department_reports_only_groups_of_five_or_more(
-    people_tables: dict[str, Any],
+    people_data: list[RoomItem],
 ) -> None:
-    text, session = _ask(people_tables, "average salary by department")
+    text, session = _ask(people_data, "average salary by department")
     by_department: dict[str, list[int]] = defaultdict(list)
     for _, department, salary in people_rows():
         by_department[department].append(salary)
@@ -315,9 +316,9 @@ def test_average_salary_by_department_reports_only_groups_of_five_or_more(
     ]
 
 
-def test_listing_names_and_salaries_reveals_no_name_and_no_salary(people_tables: dict[str, Any]) -> None:
+def test_listing_names_and_salaries_reveals_no_name_and_no_salary(people_data: list[RoomItem]) -> None:
     for question in ("list names and salaries", "show department and salary", "list salary"):
-        text, session = _ask(people_tables, question)
+        text, session = _ask(people_data, question)
         for name, _, salary in people_rows():
             assert name not in text
             assert str(salary) not in text and format_value(salary) not in text
@@ -325,24 +326,20 @@ def test_listing_names_and_salaries_reveals_no_name_and_no_salary(people_tables:
         assert "I can answer questions like:" in text
 
 
-def test_a_row_level_query_is_refused_by_the_bridge_not_answered(people_tables: dict[str, Any]) -> None:
-    with running_bridge(Room(tables=people_tables)) as bridge:
+def test_a_row_level_query_is_refused_by_the_bridge_not_answered(people_data: list[RoomItem]) -> None:
+    with running_bridge(Room(data=people_data)) as bridge:
         session = bridge.open_session("query", "x", policy=PEOPLE_POLICY)
-        status, body = bridge.handle(
-            "POST",
-            "/v1/tools/sql",
-            f"Bearer {session.token}",
-            json.dumps({"query": "SELECT salary FROM people"}).encode(),
-        )
+        row_level = {"query": "SELECT salary FROM people"}
+        status, body = bridge.request(session, "POST", "/v1/tools/sql", row_level)
     assert (status, body["error"]) == (403, "sql_denied")
 
 
 # --- LLM mode ------------------------------------------------------------------------------------
 
 
-def _llm_ask(people_tables: dict[str, Any], *replies: Any, calls: int = 6) -> tuple[str, Any]:
+def _llm_ask(people_data: list[RoomItem], *replies: Any, calls: int = 6) -> tuple[str, Any]:
     return _ask(
-        people_tables,
+        people_data,
         "average salary by department",
         llm_providers=["openai"],
         llm_calls=calls,
@@ -350,10 +347,10 @@ def _llm_ask(people_tables: dict[str, Any], *replies: Any, calls: int = 6) -> tu
     )
 
 
-def test_llm_mode_runs_a_tool_loop_over_scoped_sql(people_tables: dict[str, Any]) -> None:
+def test_llm_mode_runs_a_tool_loop_over_scoped_sql(people_data: list[RoomItem]) -> None:
     query = "SELECT department, AVG(salary) FROM people GROUP BY department"
     text, session = _llm_ask(
-        people_tables,
+        people_data,
         completion(tool_calls=[tool_call("sql", {"query": query})]),
         completion("Engineering earns most on average."),
     )
@@ -372,9 +369,9 @@ def test_llm_mode_runs_a_tool_loop_over_scoped_sql(people_tables: dict[str, Any]
     }
 
 
-def test_llm_mode_passes_refusals_back_to_the_model(people_tables: dict[str, Any]) -> None:
+def test_llm_mode_passes_refusals_back_to_the_model(people_data: list[RoomItem]) -> None:
     text, session = _llm_ask(
-        people_tables,
+        people_data,
         completion(tool_calls=[tool_call("sql", {"query": "SELECT name FROM people"})]),
         completion("The room only allows aggregates."),
     )
@@ -392,15 +389,13 @@ def test_llm_mode_passes_refusals_back_to_the_model(people_tables: dict[str, Any
     ],
     ids=["provider-error", "empty-answer", "never-answers"],
 )
-def test_llm_trouble_falls_back_to_the_grammar(
-    people_tables: dict[str, Any], replies: tuple[Any, ...]
-) -> None:
-    text, session = _llm_ask(people_tables, *replies)
+def test_llm_trouble_falls_back_to_the_grammar(people_data: list[RoomItem], replies: tuple[Any, ...]) -> None:
+    text, session = _llm_ask(people_data, *replies)
     assert text.startswith("Average salary by department")
     assert any(line["message"].startswith("llm mode failed") for line in session.logs)
 
 
-def test_llm_calls_stop_at_the_budget(people_tables: dict[str, Any]) -> None:
-    text, session = _llm_ask(people_tables, *(completion(tool_calls=[tool_call("schema", {})]),) * 6, calls=2)
+def test_llm_calls_stop_at_the_budget(people_data: list[RoomItem]) -> None:
+    text, session = _llm_ask(people_data, *(completion(tool_calls=[tool_call("schema", {})]),) * 6, calls=2)
     assert len(session.llm_requests) == 2
     assert text.startswith("Average salary by department")

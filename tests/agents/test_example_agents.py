@@ -1,4 +1,4 @@
-"""The example agents in agents/examples, each in the room its README describes, through the fake bridge."""
+"""The example agents in agents/examples, each in the room its README describes, via the runner's bridge."""
 
 from __future__ import annotations
 
@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from agents_fake_bridge import AGENTS_DIR, FakeItem, Room, run_pipeline, run_stage, running_bridge
+from agents_bridge import AGENTS_DIR, Room, room_file, run_pipeline, run_stage, running_bridge
 from conftest import AGENT_DIRS, people_rows
+from hivemind_runner.scoped import RoomItem
 from masking_agent import mask, release
 from median_agent import Histogram, describe_range, median_band_range, nice_width
 from scheduler_agent import proposed_slots
@@ -42,8 +43,8 @@ def test_the_median_band_range_accounts_for_withheld_rows() -> None:
     assert describe_range(0, None, 10) == "at least 0"
 
 
-def test_the_median_agent_estimates_from_an_aggregate_histogram(people_tables: dict[str, Any]) -> None:
-    with running_bridge(Room(tables=people_tables)) as bridge:
+def test_the_median_agent_estimates_from_an_aggregate_histogram(people_data: list[RoomItem]) -> None:
+    with running_bridge(Room(data=people_data)) as bridge:
         session = bridge.open_session("query", "what is the median salary?", policy=PEOPLE_POLICY)
         text = run_stage(bridge, AGENT_DIRS["median"], session)["text"]
     salaries = [salary for _, _, salary in people_rows()]
@@ -55,8 +56,7 @@ def test_the_median_agent_estimates_from_an_aggregate_histogram(people_tables: d
     assert f"{withheld} rows fall in bands too small" in text
     numbers = [int(n.replace(",", "")) for n in re.findall(r"\d[\d,]*", text.splitlines()[0].split("(")[0])]
     assert numbers and min(numbers) <= statistics.median(salaries) <= max(numbers)
-    # The runner refuses GROUP BY on an expression (group_by_expression), which this fake bridge lets
-    # through; tests/runner/test_examples_pipeline.py runs the agent against the real gate.
+    # The runner's gate refuses GROUP BY on an expression (group_by_expression).
     assert session.sql and not [sql for sql in session.sql if "GROUP BY" in sql]
 
 
@@ -85,9 +85,8 @@ NEGOTIATION = EXAMPLES / "negotiation"
 
 
 def _slots_room() -> Room:
-    rows = [(line,) for line in (NEGOTIATION / "availability.csv").read_text().splitlines()[1:]]
     return Room(
-        tables={"availability": ([("slot", "TEXT")], rows)},
+        data=[room_file(NEGOTIATION / "availability.csv")],
         rules=(NEGOTIATION / "rules.md").read_text(),
         query_agent_dir=AGENT_DIRS["scheduler"],
     )
@@ -154,9 +153,7 @@ DOCUMENTS = EXAMPLES / "document-qa"
 def _memo_room() -> Room:
     memos = DOCUMENTS / "memos"
     items = [
-        FakeItem(
-            f"item_{path.stem.replace('-', '')}", path.name, path.read_text(), {"kind": kind}, "text/markdown"
-        )
+        room_file(path, metadata={"kind": kind}, content_type="text/markdown")
         for path, kind in (
             (memos / "q3-offsite.md", "memo"),
             (memos / "hiring-plan.md", "memo"),
@@ -164,9 +161,7 @@ def _memo_room() -> Room:
             (memos / "salary-review.md", "hr"),
         )
     ]
-    return Room(
-        tables={}, rules=(DOCUMENTS / "rules.md").read_text(), items=items, query_agent_dir=AGENT_DIRS["docs"]
-    )
+    return Room(data=items, rules=(DOCUMENTS / "rules.md").read_text(), query_agent_dir=AGENT_DIRS["docs"])
 
 
 def _ask_documents(prompt: str, mediator: Path) -> Any:

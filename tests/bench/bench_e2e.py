@@ -339,6 +339,11 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="run the stack's runner from another source tree (before/after comparisons)",
     )
+    parser.add_argument(
+        "--api-pythonpath",
+        default=None,
+        help="restart the stack's control plane from another source tree (what-if comparisons)",
+    )
     parser.add_argument("--quick", action="store_true", help="smoke test: tiny sizes, no doc update")
     parser.add_argument("--no-doc", action="store_true", help="print only; leave docs/performance.md alone")
     args = parser.parse_args(argv)
@@ -357,6 +362,8 @@ def main(argv: list[str] | None = None) -> int:
     ):
         if args.runner_pythonpath:
             stack.restart_runner({}, pythonpath=args.runner_pythonpath)
+        if args.api_pythonpath:
+            stack.restart_api(args.api_pythonpath)
         room = create_room(stack, data=SAMPLE_DATA)
         text, lines, met = figure_warm(stack, room.link, args.repeat, args.cli_repeat)
         sections.append(text)

@@ -52,6 +52,7 @@ from hivemind.models import Budgets
 from hmctl.client import ApiClient
 from hmctl.rooms import add_item, room_dek
 
+SHM = Path("/dev/shm")
 MB = 1_000_000
 MiB = 1024 * 1024
 MEMORY_BOUND = 512 * MiB
@@ -95,18 +96,27 @@ def reset_peak(pid: int) -> int:
     return _status_bytes(pid, "VmRSS")
 
 
+def _used(path: Path) -> int:
+    stats = os.statvfs(path)
+    return (stats.f_blocks - stats.f_bfree) * stats.f_frsize
+
+
 @contextlib.contextmanager
-def workspace_sampler(root: Path, into: list[int], interval_s: float = 0.25) -> Iterator[None]:
-    """Peak bytes used by the run tmpfs mounts under ``root`` while the block runs."""
+def tmpfs_sampler(
+    root: Path, workspace: list[int], shm: list[int], interval_s: float = 0.25
+) -> Iterator[None]:
+    """While the block runs: bytes used by the run tmpfs mounts under ``root``, and the growth of
+    ``/dev/shm`` (where the runner's SQLite sorts spill; other processes' files count too)."""
     stop = threading.Event()
+    shm_before = _used(SHM)
 
     def sample() -> None:
         while not stop.is_set():
             for entry in root.glob("run_*"):
                 with contextlib.suppress(OSError):
                     if os.path.ismount(entry):
-                        stats = os.statvfs(entry)
-                        into.append((stats.f_blocks - stats.f_bfree) * stats.f_frsize)
+                        workspace.append(_used(entry))
+            shm.append(max(0, _used(SHM) - shm_before))
             stop.wait(interval_s)
 
     thread = threading.Thread(target=sample, daemon=True)
@@ -134,6 +144,7 @@ class Sample:
     rss_before: int
     peak_rss: int
     workspace_peak: int | None
+    shm_growth: int
     total_s: float
 
 
@@ -173,7 +184,8 @@ def measure(stack: LocalStack, data: Path, workspace_root: Path) -> Sample:
         upload_s = time.perf_counter() - started
     rss_before = reset_peak(stack.runner_pid)
     used: list[int] = []
-    with workspace_sampler(workspace_root, used):
+    shm: list[int] = []
+    with tmpfs_sampler(workspace_root, used, shm):
         ask = timed_ask(store, room.link, budgets=BUDGETS)
     peak = _status_bytes(stack.runner_pid, "VmHWM")
     if ask.status != "completed" or "Engineering" not in ask.output:
@@ -193,6 +205,7 @@ def measure(stack: LocalStack, data: Path, workspace_root: Path) -> Sample:
         rss_before=rss_before,
         peak_rss=peak,
         workspace_peak=max(used) if used else None,
+        shm_growth=max(shm) if shm else 0,
         total_s=ask.total,
     )
 
@@ -230,6 +243,7 @@ def report(results: dict[int, list[Sample]]) -> tuple[str, list[str], bool]:
                 cells([s.rss_before for s in samples], 1 / MiB, 0),
                 cells([s.peak_rss for s in samples], 1 / MiB, 0),
                 cells([s.workspace_peak or 0 for s in samples], 1 / MiB, 0),
+                cells([s.shm_growth for s in samples], 1 / MiB, 0),
             ]
         )
         summaries.append(
@@ -257,6 +271,7 @@ def report(results: dict[int, list[Sample]]) -> tuple[str, list[str], bool]:
         "runner RSS before MiB",
         "peak runner RSS MiB",
         "peak workspace MiB",
+        "peak /dev/shm growth MiB",
     ]
     text = (
         "**Figure 4. Scaling by dataset size: upload, runner decrypt and load, peak memory** (each cell "

@@ -179,6 +179,7 @@ class LocalStack:
         self._runner: _Runner | None = None
         self._runner_env: dict[str, str] = {}
         self._pythonpath: str | None = None
+        self._api: subprocess.Popen[bytes] | None = None
 
     # --- hmctl ---
 
@@ -218,6 +219,13 @@ class LocalStack:
 
     def __exit__(self, *exc: object) -> None:
         self._stop_own_runner()
+        if self._api is not None and self._api.poll() is None:
+            self._api.send_signal(signal.SIGTERM)
+            try:
+                self._api.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self._api.kill()
+                self._api.wait(timeout=30)
         subprocess.run(
             [sys.executable, "-c", _HMCTL, "dev", "down", "--json"],
             env=self.env,
@@ -239,6 +247,39 @@ class LocalStack:
     def runner_log(self) -> Path:
         assert self._runner is not None
         return self._runner.log
+
+    # --- the control plane ---
+
+    def restart_api(self, pythonpath: str) -> None:
+        """Restart the stack's control plane (API, settle worker, janitor) on the same port with
+        ``pythonpath`` first on its import path, for what-if comparisons of control-plane changes."""
+        record = json.loads((self.root / "state" / "stack.json").read_text(encoding="utf-8"))
+        api = next(proc for proc in record["processes"] if proc["name"] == "api")
+        pid = int(api["pid"])
+        env = _process_environment(pid)
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\0")[:-1]
+        port = self.service_url.rsplit(":", 1)[1]
+        argv[argv.index("--port") + 1] = port
+        inherited = env.get("PYTHONPATH")
+        env["PYTHONPATH"] = pythonpath + (os.pathsep + inherited if inherited else "")
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 60
+        while _alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with (self.root / "api-restarted.log").open("ab") as sink:
+            self._api = subprocess.Popen(
+                argv, env=env, stdout=sink, stderr=subprocess.STDOUT, start_new_session=True
+            )
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with ApiClient(self.service_url, retries=0) as client:
+                    client.get("/v1/healthz")
+                return
+            except Exception:  # not listening yet
+                if self._api.poll() is not None or time.monotonic() > deadline:
+                    raise BenchError("the restarted control plane did not answer") from None
+                time.sleep(0.2)
 
     # --- the runner ---
 

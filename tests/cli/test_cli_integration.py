@@ -208,7 +208,9 @@ def test_admin_billing_and_credit_codes(real: Cli, store: Store) -> None:
     assert refused.exit_code == 2 and "admin commands need an admin" in refused.stderr
 
 
-def test_admin_billing_verify_fails_on_a_broken_chain(real: Cli, store: Store) -> None:
+# A grant of 999 USD keeps the entry's shape (its hash breaks); a negative grant breaks the entry model.
+@pytest.mark.parametrize("forged_amount", ["999000000", "-1"])
+def test_admin_billing_verify_fails_on_a_broken_chain(real: Cli, store: Store, forged_amount: str) -> None:
     admin = Secret.generate(TokenKind.ADMIN)
     digest = auth_hash(admin)
     store.credentials.put(
@@ -224,11 +226,13 @@ def test_admin_billing_verify_fails_on_a_broken_chain(real: Cli, store: Store) -
         TableName=store.config.table_name(TableRole.LEDGER),
         Key={"tenant_id": {"S": tenant}, "seq": {"N": "1"}},
         UpdateExpression="SET amount = :a",
-        ExpressionAttributeValues={":a": {"N": "999000000"}},
+        ExpressionAttributeValues={":a": {"N": forged_amount}},
     )
     failed = real.run("--profile", "admin", "admin", "billing", "verify", "--json")
     assert failed.exit_code == 5, repr(failed)
     assert failed.json()["ok"] is False and failed.json()["tenants_failed"] == 1
+    (line,) = [line for line in failed.json()["tenants"] if not line["ok"]]
+    assert (line["tenant_id"], line["error"], line["seq"]) == (tenant, "ledger_invalid", 1)
 
 
 def test_ask_end_to_end_with_the_real_runner_lifecycle(

@@ -49,6 +49,7 @@ from hivemind_runner.scoped.sources import (
     TableSource,
     quote_identifier,
 )
+from hivemind_runner.scoped.spill import temp_store
 from hivemind_runner.scoped.sql import limit_connection
 
 _STAGING = "staging"
@@ -153,7 +154,9 @@ class _Loader:
         try:
             run = self.connection.execute
             run("PRAGMA trusted_schema = OFF")
-            run("PRAGMA temp_store = MEMORY")
+            # Big sorts and groupings spill to unlinked tmpfs files once the runner set that up;
+            # otherwise to memory, never to a disk (see spill.py).
+            run(f"PRAGMA temp_store = {temp_store()}")
             # No rollback is ever needed: a failed load discards the whole database.
             run("PRAGMA main.journal_mode = OFF")
             if self.file is not None:
