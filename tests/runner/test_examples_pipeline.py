@@ -3,9 +3,8 @@
 Each room is set up as its README's ``hmctl`` commands set it up (the same agents, rules file, item
 metadata and content types as ``room add-data``), then asked the README's questions through
 :class:`~hivemind_runner.pipeline.Pipeline` on a real sandbox backend: the runner's bridge, its SQL gate
-and item redaction, and the default scope agent deciding the policy. tests/agents runs the same agents
-against a fake bridge; this file is where they meet the runner's own rules (the median agent's first
-histogram, ``GROUP BY`` on an expression, passed the fake bridge and failed here as ``query_failed``).
+and item redaction, and the default scope agent deciding the policy, inside a real sandbox (the median
+agent's first histogram, ``GROUP BY`` on an expression, failed here as ``query_failed``).
 
 Parametrized over the Docker and process backends, like test_pipeline.py.
 """
