@@ -125,6 +125,8 @@ _UNAVAILABLE_CODES = {
     "InternalServerError",
     "ServiceUnavailable",
     "TransactionInProgressException",
+    # Another transaction touched the same item at the same moment: nothing was written; a retry works.
+    "TransactionConflictException",
 }
 
 
