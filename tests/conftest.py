@@ -32,6 +32,7 @@ from pathlib import Path
 
 import boto3
 import pytest
+
 from hivemind.store import AwsClients, Store, StoreConfig
 from hivemind.store.bootstrap import create_all
 from hivemind.store.local import LocalMotoServer

@@ -16,13 +16,13 @@ from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 
+from pydantic import ValidationError
+
 from hivemind.errors import HivemindError
 from hivemind.models import TeeKind
 from hivemind.store import AwsClients, Store
 from hivemind.store.runners import RunnerStatus
 from hivemind.trust import SignedRelease
-from pydantic import ValidationError
-
 from hivemind_runner import __version__
 from hivemind_runner.attestation import AttestationPublisher, build_attestation
 from hivemind_runner.config import RunnerSettings, host_runner_id

@@ -16,7 +16,6 @@ from hivemind.errors import HivemindError, NotFound
 from hivemind.store import Store
 from hivemind.store.runners import RunnerRecord, RunnerStatus
 from hivemind.trust import SignedRelease
-
 from hivemind_runner.keys import RunnerKeys
 from hivemind_runner.tee import TeeProvider
 from hivemind_runner.telemetry import StructuredLogger

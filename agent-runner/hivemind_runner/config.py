@@ -35,12 +35,12 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
 from hivemind.errors import InvalidInput
 from hivemind.models import Identifier, Sha256Hex, TeeKind
 from hivemind.store import StoreConfig
 from hivemind.store.schema import RUNS_MAX_RECEIVE_COUNT, RUNS_VISIBILITY_TIMEOUT_S
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
 from hivemind_runner.workspace import DEFAULT_BASE
 
 

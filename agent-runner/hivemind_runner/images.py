@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import BinaryIO
 
 from hivemind.archive import DEFAULT_LIMITS, ArchiveLimits, extract_archive
-
 from hivemind_runner.sandbox.base import PreparedAgent, SandboxBackend, SourceDigestMismatch
 
 

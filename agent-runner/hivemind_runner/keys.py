@@ -14,6 +14,7 @@ from __future__ import annotations
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 from hivemind.attestation import runner_key_binding
 from hivemind.encoding import b64encode
 from hivemind.envelope import RUNNER_KEY_SEED_BYTES, HpkeKeyPair, HpkePublicKeys, SealedEnvelope, open_sealed

@@ -33,6 +33,8 @@ from enum import StrEnum
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
+from pydantic import ValidationError
+
 from hivemind.archive import extract_archive
 from hivemind.envelope import RunEnvelope, SealedEnvelope, open_agent_key, open_run_envelope
 from hivemind.errors import (
@@ -57,8 +59,6 @@ from hivemind.store.rooms import RoomItem as StoredItem
 from hivemind.store.rooms import RoomStatus
 from hivemind.store.runs import RunRecord, RunResult
 from hivemind.trust import SignedRelease, check_runner_trust
-from pydantic import ValidationError
-
 from hivemind_runner.keys import RunnerKeys
 from hivemind_runner.outputs import (
     RunnerIdentity,

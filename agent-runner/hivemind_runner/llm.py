@@ -33,10 +33,11 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 import httpx
+from pydantic import Field, SecretStr, ValidationError, field_validator
+
 from hivemind.envelope import HpkeKeyPair, SealedEnvelope, open_provider_key
 from hivemind.errors import EnvelopeError, HivemindError, InvalidInput
 from hivemind.models import Budgets, Stage, StrictModel
-from pydantic import Field, SecretStr, ValidationError, field_validator
 
 logger = logging.getLogger(__name__)
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import Field, TypeAdapter, ValidationError
+
 from hivemind.encoding import b64decode
 from hivemind.envelope import OUTPUT_KEY_BYTES, OutputRecipient, SealedEnvelope, seal_output_key
 from hivemind.errors import IntegrityError, InvalidInput
@@ -38,8 +40,6 @@ from hivemind.seal import SealContext, seal_bytes, seal_stream
 from hivemind.store import Store
 from hivemind.store.base import raise_store_error
 from hivemind.store.schema import QueueRole, run_artifact_key, run_output_key, run_receipt_key
-from pydantic import Field, TypeAdapter, ValidationError
-
 from hivemind_runner.telemetry import LlmUsage
 
 _ARTIFACT_NAME: TypeAdapter[str] = TypeAdapter(ArtifactName)

@@ -39,14 +39,14 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
 
+from pydantic import Field, ValidationError
+
 from hivemind.archive import pack_directory, validate_archive
 from hivemind.errors import HivemindError, InvalidPolicy
 from hivemind.manifest import RoomManifest
 from hivemind.models import Budgets, Stage, StageUsage, StrictModel, Visibility
 from hivemind.policy import ScopePolicy, policy_hash
 from hivemind.receipt import ReceiptAgent
-from pydantic import Field, ValidationError
-
 from hivemind_runner.bridge import (
     ArtifactStore,
     BridgeLimits,

@@ -23,11 +23,12 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from dstack_sdk import DstackClient, get_compose_hash
+from pydantic import Field, ValidationError
+
 from hivemind.attestation import REPORT_DATA_BYTES, EventLogEntry
 from hivemind.envelope import RUNNER_KEY_SEED_BYTES
 from hivemind.errors import HivemindError, ServiceUnavailable
 from hivemind.models import Sha256Hex, StrictModel, TeeKind
-from pydantic import Field, ValidationError
 
 # dstack KMS key path of the runner's seed; changing it changes every key the runner publishes.
 RUNNER_KEY_PATH = "hivemind/runner/v1"

@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import ValidationError
+
 from hivemind.models import Identifier, StrictModel
 from hivemind.store import Store
 from hivemind.store.schema import QueueRole
-from pydantic import ValidationError
-
 from hivemind_runner.lifecycle import RunLifecycle, RunOutcome
 from hivemind_runner.telemetry import StructuredLogger
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from hivemind_agent import Context
 from mediator_gates import Answer, OutputRules, apply_gates, deny_reason, redact, refusal, room_shape
 from mediator_llm import llm_review
+
+from hivemind_agent import Context
 
 
 def _refusal_text(reason: str, rules: OutputRules) -> str:

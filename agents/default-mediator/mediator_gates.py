@@ -13,8 +13,9 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hivemind_agent.rules import RulesError, load_policy_block
 from mediator_rows import row_level_reason, strings_in
+
+from hivemind_agent.rules import RulesError, load_policy_block
 
 REDACTED = "[REDACTED]"
 DEFAULT_MIN_GROUP_SIZE = 10

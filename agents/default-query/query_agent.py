@@ -7,9 +7,10 @@ Markdown table, or explains what can be asked.
 
 from __future__ import annotations
 
-from hivemind_agent import BridgeError, Context, Schema
 from query_answer import deterministic_answer
 from query_llm import LlmUnavailable, llm_answer
+
+from hivemind_agent import BridgeError, Context, Schema
 
 
 def _note(ctx: Context, message: str, **fields: str) -> None:

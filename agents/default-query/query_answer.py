@@ -9,7 +9,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 
-from hivemind_agent import BudgetExhausted, Denied, InvalidRequest, Schema, SqlResult, Table
 from query_intents import (
     FUNCTION_LABELS,
     FUNCTIONS,
@@ -19,6 +18,8 @@ from query_intents import (
     is_numeric,
     parse_question,
 )
+
+from hivemind_agent import BudgetExhausted, Denied, InvalidRequest, Schema, SqlResult, Table
 
 RunSql = Callable[[str], SqlResult]
 Cell = str | int | float | bool | None

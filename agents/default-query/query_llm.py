@@ -13,8 +13,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from hivemind_agent import BudgetExhausted, Context, Denied, InvalidRequest, Schema
 from query_answer import scope_summary
+
+from hivemind_agent import BudgetExhausted, Context, Denied, InvalidRequest, Schema
 
 MAX_LLM_CALLS = 6
 MAX_TOKENS_PER_CALL = 1000

@@ -25,7 +25,6 @@ from hivemind.envelope import AGENT_KEY_BYTES, HpkePublicKeys, seal_agent_key
 from hivemind.models import Visibility
 from hivemind.seal import agent_source_context, seal_bytes
 from hivemind.tokens import random_id
-
 from hmctl.client import ApiClient, Progress
 
 

@@ -29,9 +29,9 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any, BinaryIO, Self
 
 import httpx
+
 from hivemind.keys import auth_token
 from hivemind.tokens import Secret
-
 from hmctl import __version__
 from hmctl.errors import ApiError, ServiceUnreachable
 

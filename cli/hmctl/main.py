@@ -13,10 +13,10 @@ import traceback
 from typing import Annotated, Any
 
 import typer
-from hivemind.errors import HivemindError
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
+from hivemind.errors import HivemindError
 from hmctl import __version__
 from hmctl.commands import account, admin, agent, dev, doctor, profile, room, run, tenant, trust
 from hmctl.console import Ui

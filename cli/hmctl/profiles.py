@@ -36,14 +36,14 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
 from hivemind.attestation import is_loopback_service
 from hivemind.errors import InvalidLink, InvalidToken
 from hivemind.keys import credential_id
 from hivemind.manifest import InviteLink
 from hivemind.models import Sha256Hex, StrictModel, UnixSeconds
 from hivemind.tokens import Secret, TokenKind
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-
 from hmctl.errors import ProfileError
 
 PROFILES_FILE = "profiles.toml"

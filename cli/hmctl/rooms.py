@@ -27,6 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+from pydantic import ValidationError
+
 from hivemind.attestation import VerifiedRunner
 from hivemind.encoding import b64encode
 from hivemind.errors import Forbidden, IntegrityError, WrapError
@@ -68,8 +70,6 @@ from hivemind.policy import ScopePolicy
 from hivemind.seal import SealContext, seal_stream
 from hivemind.tokens import Secret, TokenKind, random_id
 from hivemind.trust import RunnerTrust, RunnerTrustMode
-from pydantic import ValidationError
-
 from hmctl.agents import PackedAgent, upload_agent
 from hmctl.client import ApiClient, Progress
 from hmctl.errors import NotAccepted, UsageError

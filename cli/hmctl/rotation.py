@@ -36,7 +36,6 @@ from hivemind.manifest import (
     sign_manifest,
 )
 from hivemind.tokens import Secret, TokenKind
-
 from hmctl.client import ApiClient
 from hmctl.errors import CliError, ExitCode, ProfileError
 from hmctl.profiles import Profile, ProfileStore

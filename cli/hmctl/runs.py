@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from hivemind.encoding import b64decode, b64encode
 from hivemind.envelope import (
     HpkePublicKeys,
@@ -38,7 +39,6 @@ from hivemind.models import Budgets, ObjectKind, RunStatus
 from hivemind.receipt import Receipt, ReceiptExpectations, SignedReceipt, verify_artifact, verify_receipt
 from hivemind.seal import SealContext, open_stream
 from hivemind.tokens import random_id
-
 from hmctl.client import ApiClient
 from hmctl.errors import UsageError
 from hmctl.profiles import RunTicket, RunTickets

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 
 import httpx
 import typer
-from hivemind.tokens import Secret
 
+from hivemind.tokens import Secret
 from hmctl.client import ApiClient
 from hmctl.profiles import Profile, ProfileStore
 

@@ -25,6 +25,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from pydantic import ValidationError
+
 from hivemind.attestation import (
     AttestationDocument,
     CollateralProvider,
@@ -43,8 +45,6 @@ from hivemind.manifest import (
 )
 from hivemind.models import TeeKind
 from hivemind.trust import RunnerTrust
-from pydantic import ValidationError
-
 from hmctl.errors import NotAccepted
 from hmctl.profiles import AcceptedManifest, AcceptedManifests, Profile
 

@@ -29,6 +29,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
+from pydantic import ValidationError
+
 from hivemind.admission import (
     ALLOW,
     AdmissionChain,
@@ -50,8 +52,6 @@ from hivemind.store.agents import AgentState
 from hivemind.store.credentials import CredentialKind, CredentialRecord
 from hivemind.store.rooms import RoomRecord, RoomStatus
 from hivemind.store.tenants import TenantRecord, TenantStatus
-from pydantic import ValidationError
-
 from hivemind_functions.settings import FunctionSettings
 
 RATE_LIMIT_WINDOW_S = 60

@@ -18,7 +18,6 @@ import re
 from hivemind.errors import Conflict, InvalidInput
 from hivemind.store import AwsClients, Store
 from hivemind.store.credentials import CredentialKind, CredentialRecord
-
 from hivemind_functions.settings import FunctionSettings
 
 _AUTH_HASH = re.compile(r"^[0-9a-f]{64}$")

@@ -30,6 +30,8 @@ from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import BaseModel, Field
+
 from hivemind.errors import Conflict, NotFound
 from hivemind.models import RunStatus, StrictModel
 from hivemind.store import AwsClients, Store
@@ -39,8 +41,6 @@ from hivemind.store.billing import HoldState
 from hivemind.store.rooms import ITEM_PREFIX, ItemState
 from hivemind.store.runs import RunResult
 from hivemind.store.schema import QueueRole, TableRole, agent_prefix, item_key, ledger_export_key
-from pydantic import BaseModel, Field
-
 from hivemind_functions.settings import FunctionSettings
 
 if TYPE_CHECKING:

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 from hivemind.errors import HivemindError
-
 from hivemind_functions import janitor, settle
 from hivemind_functions.api.app import create_app
 from hivemind_functions.settings import FunctionSettings

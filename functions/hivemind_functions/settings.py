@@ -29,9 +29,10 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
 from hivemind.errors import InvalidInput
 from hivemind.store import StoreConfig
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})

@@ -29,6 +29,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import Field, ValidationError
+
 from hivemind.errors import Conflict, InvalidInput, NotFound
 from hivemind.models import Identifier, StageUsage, StrictModel
 from hivemind.store import AwsClients, Store
@@ -36,8 +38,6 @@ from hivemind.store.base import raise_store_error
 from hivemind.store.billing import HoldState
 from hivemind.store.prices import LlmUsage
 from hivemind.store.schema import QueueRole
-from pydantic import Field, ValidationError
-
 from hivemind_functions.settings import FunctionSettings
 
 if TYPE_CHECKING:

@@ -18,10 +18,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
 from hivemind.errors import InvalidInput
 from hivemind.store.schema import PREFIX_PATTERN, RUN_OBJECTS_TTL_DAYS
 from hivemind_functions.settings import ENV_VARIABLES, FunctionSettings
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 # The Lambda runtime and the platform the dependency layer is built for; both places read these.
 LAMBDA_PYTHON_VERSION = "3.12"

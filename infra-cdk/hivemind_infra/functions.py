@@ -28,9 +28,9 @@ from aws_cdk import aws_lambda as lambda_
 from aws_cdk import aws_lambda_event_sources as event_sources
 from aws_cdk import aws_logs as logs
 from constructs import Construct
+
 from hivemind.store import schema
 from hivemind.store.schema import QueueRole, TableRole
-
 from hivemind_infra.config import LAMBDA_PYTHON_VERSION, EnvironmentConfig
 from hivemind_infra.queues import Queues
 from hivemind_infra.storage import Storage, key_pattern

@@ -10,8 +10,8 @@ from __future__ import annotations
 from aws_cdk import Duration, RemovalPolicy
 from aws_cdk import aws_sqs as sqs
 from constructs import Construct
-from hivemind.store.schema import SCHEMA, QueueRole, QueueSpec, resource_name
 
+from hivemind.store.schema import SCHEMA, QueueRole, QueueSpec, resource_name
 from hivemind_infra.config import EnvironmentConfig
 
 

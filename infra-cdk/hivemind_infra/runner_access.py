@@ -27,9 +27,9 @@ from __future__ import annotations
 from aws_cdk import Duration
 from aws_cdk import aws_iam as iam
 from constructs import Construct
+
 from hivemind.store import schema
 from hivemind.store.schema import QueueRole, TableRole
-
 from hivemind_infra.config import EnvironmentConfig
 from hivemind_infra.functions import GET, PUT, QUERY, UPDATE, TableGrant
 from hivemind_infra.queues import Queues

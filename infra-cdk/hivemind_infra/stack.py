@@ -9,8 +9,8 @@ from __future__ import annotations
 from aws_cdk import App, Aspects, CfnOutput, Environment, Stack, Tags
 from cdk_nag import AwsSolutionsChecks, NagPackSuppression, NagSuppressions
 from constructs import Construct
-from hivemind.store.schema import QueueRole, TableRole
 
+from hivemind.store.schema import QueueRole, TableRole
 from hivemind_infra.alarms import Alarms
 from hivemind_infra.api import HttpApi
 from hivemind_infra.config import LAMBDA_PYTHON_VERSION, ConfigError, EnvironmentConfig, load_environments

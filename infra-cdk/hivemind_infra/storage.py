@@ -20,6 +20,7 @@ from aws_cdk import aws_dynamodb as dynamodb
 from aws_cdk import aws_iam as iam
 from aws_cdk import aws_s3 as s3
 from constructs import Construct
+
 from hivemind.store.schema import (
     SCHEMA,
     AttrType,
@@ -29,7 +30,6 @@ from hivemind.store.schema import (
     bucket_tls_policy,
     resource_name,
 )
-
 from hivemind_infra.config import EnvironmentConfig
 
 _ATTRIBUTE_TYPES = {

@@ -38,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+from pydantic import SecretStr
+
 from hivemind.archive import pack_directory, validate_archive
 from hivemind.models import Budgets, Stage
 from hivemind.policy import ScopePolicy, parse_policy
@@ -60,7 +62,6 @@ from hivemind_runner.scoped import (
     full_read_database,
     resolve_policy,
 )
-from pydantic import SecretStr
 
 REPO = Path(__file__).resolve().parents[2]
 SDK_DIR = REPO / "agents" / "sdk"

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 from agents_bridge import room_file
+
 from hivemind_runner.scoped import RoomItem
 
 AGENTS = Path(__file__).resolve().parents[2] / "agents"

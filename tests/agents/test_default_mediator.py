@@ -15,10 +15,11 @@ from agents_bridge import (
     running_bridge,
     scripted,
 )
-from hivemind_runner.scoped import RoomItem
 from mediator_gates import STRICTEST, Answer, OutputRules, RoomShape, apply_gates, room_shape
 from mediator_llm import parse_verdict
 from mediator_rows import delimited_tables, markdown_tables, row_level_reason
+
+from hivemind_runner.scoped import RoomItem
 
 MEDIATOR_DIR = AGENTS_DIR / "default-mediator"
 AGGREGATE_ROOM = RoomShape(aggregate_only=True, min_group_size=5)

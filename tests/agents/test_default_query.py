@@ -19,10 +19,11 @@ from agents_bridge import (
     tool_call,
 )
 from conftest import people_rows
-from hivemind_agent import Denied, Schema, SqlResult
-from hivemind_runner.scoped import RoomItem
 from query_answer import deterministic_answer, example_questions, format_value, help_reply, markdown_table
 from query_intents import Intent, Unmatched, build_sql, name_key, parse_question, resolve_column
+
+from hivemind_agent import Denied, Schema, SqlResult
+from hivemind_runner.scoped import RoomItem
 
 QUERY_DIR = AGENTS_DIR / "default-query"
 PEOPLE_POLICY = {

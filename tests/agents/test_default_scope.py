@@ -24,6 +24,7 @@ from agents_bridge import (
     running_bridge,
     scripted,
 )
+
 from hivemind.policy import check_against_schema, is_narrower, most_restrictive_policy, narrow, parse_policy
 from hivemind_agent import Context, InvalidRequest
 from hivemind_agent.rules import RulesError, load_policy_block

@@ -11,12 +11,13 @@ from typing import Any
 import pytest
 from agents_bridge import AGENTS_DIR, Room, room_file, run_pipeline, run_stage, running_bridge
 from conftest import AGENT_DIRS, people_rows
-from hivemind_runner.scoped import RoomItem
 from masking_agent import mask, release
 from median_agent import Histogram, describe_range, median_band_range, nice_width
 from scheduler_agent import proposed_slots
 from search_agent import keywords, sentences
 from slot_agent import release as release_slot
+
+from hivemind_runner.scoped import RoomItem
 
 EXAMPLES = AGENTS_DIR / "examples"
 PEOPLE_POLICY = {

@@ -32,6 +32,8 @@ from collections.abc import Callable
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from mangum import Mangum
+
 from hivemind.encoding import b64encode
 from hivemind.envelope import HpkeKeyPair, HpkeSuite, RunEnvelope, seal_run_envelope
 from hivemind.keys import auth_hash, auth_token, owner_box_key, owner_sign_key, public_bytes, wrap_key
@@ -56,7 +58,6 @@ from hivemind_functions.api.app import create_app
 from hivemind_functions.api.deps import Services
 from hivemind_functions.services.tenants import register_tenant
 from hivemind_functions.settings import FunctionSettings
-from mangum import Mangum
 
 HANDLER_MODULES = (
     "hivemind_functions.api.handler",

@@ -58,6 +58,7 @@ from benchkit import (
     submit_only,
     timed_ask,
 )
+
 from hivemind.archive import pack_directory, validate_archive
 
 TARGET_RATIO = 2.0

@@ -48,6 +48,7 @@ from benchkit import (
     runner_timeline,
     timed_ask,
 )
+
 from hivemind.models import Budgets
 from hmctl.client import ApiClient
 from hmctl.rooms import add_item, room_dek

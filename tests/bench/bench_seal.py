@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import BinaryIO
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from hivemind.models import ObjectKind
 from hivemind.seal import (
     DEFAULT_CHUNK_SIZE,

@@ -7,6 +7,7 @@ import importlib.util
 from typing import Any
 
 import pytest
+
 from hivemind_functions.settings import FunctionSettings
 from hivemind_infra.config import (
     CONTEXT_KEY,

@@ -25,11 +25,12 @@ from typing import Any
 
 import boto3
 import pytest
+from moto.cloudformation.parsing import NULL_MODELS, get_model_map
+
 from hivemind.store import AwsClients, Store, StoreConfig
 from hivemind.store.bootstrap import create_all
 from hivemind.store.schema import SCHEMA, resource_name
 from hivemind.store.tenants import TenantRecord
-from moto.cloudformation.parsing import NULL_MODELS, get_model_map
 
 from .conftest import Synthesized
 

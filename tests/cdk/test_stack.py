@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from hivemind.store.schema import SCHEMA, QueueRole, TableRole, resource_name
 
 from .conftest import ALARM_EMAIL, INFRA, RUNNER_EXTERNAL_ID, RUNNER_PRINCIPAL, Synthesized

@@ -18,9 +18,10 @@ from pathlib import Path
 import pytest
 import typer.main
 import typer.testing
-from hmctl.main import app
 from hmctl_fakes import FakeService
 from hmctl_harness import Cli, write_agent
+
+from hmctl.main import app
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from hivemind.archive import validate_archive
 from hivemind.attestation import AttestationDocument
 from hivemind.encoding import b64decode, b64encode, sha256_hex

@@ -16,11 +16,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hmctl_fakes import FakeService
+from typer.testing import CliRunner, Result
+
 from hmctl.main import app
 from hmctl.profiles import ProfileStore
 from hmctl.session import AppState
-from hmctl_fakes import FakeService
-from typer.testing import CliRunner, Result
 
 AGENT_FILES = {
     "Dockerfile": 'FROM hivemind/agent-base\nCOPY main.py /agent/main.py\nCMD ["python", "/agent/main.py"]\n',

@@ -8,6 +8,7 @@ import json
 
 import httpx
 import pytest
+
 from hivemind.errors import (
     InsufficientCredit,
     InvalidInput,

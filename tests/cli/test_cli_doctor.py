@@ -8,9 +8,10 @@ from typing import Any
 
 import httpx
 import pytest
-from hmctl.profiles import ProfileStore
 from hmctl_fakes import FakeService
 from hmctl_harness import Cli, accepted_room, make_room
+
+from hmctl.profiles import ProfileStore
 
 
 class _WithHealth:

@@ -6,10 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-from hivemind.envelope import SealedEnvelope, open_provider_key
-from hivemind.errors import EnvelopeError
 from hmctl_fakes import FakeService
 from hmctl_harness import Cli, make_room, write_agent
+
+from hivemind.envelope import SealedEnvelope, open_provider_key
+from hivemind.errors import EnvelopeError
 
 
 def test_owner_to_participant_story(

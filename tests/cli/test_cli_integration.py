@@ -18,6 +18,9 @@ from typing import Any
 
 import pytest
 import uvicorn
+from hmctl_harness import Cli, make_room, write_agent
+from support.runner_harness import FakePipeline, make_runner
+
 from hivemind.keys import auth_hash
 from hivemind.store import AwsClients, Store, StoreConfig
 from hivemind.store.agents import AgentRecord
@@ -30,8 +33,6 @@ from hivemind_functions.api.app import create_app
 from hivemind_functions.api.deps import Services
 from hivemind_functions.settings import FunctionSettings
 from hmctl.profiles import ProfileStore
-from hmctl_harness import Cli, make_room, write_agent
-from support.runner_harness import FakePipeline, make_runner
 
 pytestmark = pytest.mark.slow
 

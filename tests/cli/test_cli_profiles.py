@@ -8,12 +8,13 @@ import tomllib
 from pathlib import Path
 
 import pytest
+from hmctl_fakes import FakeService, Refusal
+from hmctl_harness import Cli, accepted_room
+
 from hivemind.keys import auth_token
 from hivemind.tokens import Secret, TokenKind
 from hmctl.errors import ProfileError
 from hmctl.profiles import Profile, ProfileStore, dump_toml, redact_token
-from hmctl_fakes import FakeService, Refusal
-from hmctl_harness import Cli, accepted_room
 
 
 def mode(path: Path) -> int:

@@ -8,13 +8,14 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hmctl_fakes import FakeService
+from hmctl_harness import Cli, make_room
+
 from hivemind.encoding import b64encode
 from hivemind.keys import auth_hash, credential_id, owner_sign_key, public_bytes
 from hivemind.manifest import KeyRotation, SignedKeyRotation, SignedManifest, rotated_revision, sign_manifest
 from hivemind.tokens import Secret
 from hmctl.profiles import Profile, ProfileStore
-from hmctl_fakes import FakeService
-from hmctl_harness import Cli, make_room
 
 
 @pytest.fixture

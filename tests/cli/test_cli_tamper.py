@@ -12,14 +12,15 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hmctl_fakes import FakeService
+from hmctl_harness import Cli, accepted_room
+
 from hivemind.attestation import PcsCollateralProvider
 from hivemind.canonical import canonical_sha256
 from hivemind.encoding import b64encode
 from hivemind.keys import public_bytes
 from hivemind.manifest import RoomManifest, rules_digest, sign_manifest
 from hivemind.models import TeeKind
-from hmctl_fakes import FakeService
-from hmctl_harness import Cli, accepted_room
 
 
 def test_a_modified_manifest_is_refused(

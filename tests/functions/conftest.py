@@ -67,6 +67,8 @@ import pytest
 import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI
+from mangum import Mangum
+
 from hivemind.archive import pack_directory, validate_archive
 from hivemind.attestation import AttestationDocument
 from hivemind.encoding import b64encode, sha256_hex
@@ -114,7 +116,6 @@ from hivemind_functions.api.app import create_app
 from hivemind_functions.api.deps import Services
 from hivemind_functions.services.tenants import register_tenant
 from hivemind_functions.settings import FunctionSettings
-from mangum import Mangum
 
 COMPOSE_HASH = "c0" * 32
 AGENT_SEALED_KEY_INFO_PREFIX = b"hivemind-agent-v1|"

@@ -8,6 +8,7 @@ import io
 from typing import Any
 
 import pytest
+
 from hivemind.encoding import b64encode
 from hivemind.errors import Conflict
 from hivemind.keys import auth_hash, auth_token, owner_box_key, owner_sign_key, public_bytes

@@ -7,6 +7,7 @@ import io
 import tarfile
 
 import pytest
+
 from hivemind.encoding import sha256_hex
 from hivemind.envelope import open_sealed
 from hivemind.store.schema import agent_source_key

@@ -12,6 +12,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from fastapi import APIRouter
+
 from hivemind.errors import Conflict
 from hivemind_functions.api.app import create_app
 from hivemind_functions.openapi import DEFAULT_PATH, openapi_document, render

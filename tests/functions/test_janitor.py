@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 from aws_lambda_powertools import Logger
+
 from hivemind.models import Budgets, RunStatus, Visibility
 from hivemind.store import Store
 from hivemind.store.agents import AgentRecord

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from hivemind.models import Budgets, RunStatus
 from hivemind.store import Store
 from hivemind.store.billing import HoldState

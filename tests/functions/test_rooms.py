@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from hivemind.encoding import b64encode
 from hivemind.keys import public_bytes, unwrap_dek, wrap_key
 from hivemind.manifest import SignedManifest, manifest_hash, next_revision, rules_digest, sign_manifest

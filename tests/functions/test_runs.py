@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from hivemind.encoding import b64decode, b64encode
 from hivemind.envelope import (
     HpkeSuite,

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from hivemind.admission import Deny
 from hivemind.envelope import HpkeSuite, RunEnvelope, seal_run_envelope
 from hivemind.keys import public_bytes, wrap_key

@@ -10,6 +10,7 @@ from typing import Any
 import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from hivemind.envelope import HpkeSuite, RunEnvelope, seal_run_envelope
 from hivemind.keys import public_bytes, wrap_key
 from hivemind.ledger import LedgerKind

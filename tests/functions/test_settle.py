@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 from aws_lambda_powertools import Logger
+
 from hivemind.errors import HivemindError
 from hivemind.ledger import LedgerKind
 from hivemind.models import Budgets, RunStatus, Stage, StageUsage

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from hivemind.encoding import b64encode
 from hivemind.keys import auth_hash, auth_token, owner_box_key, owner_sign_key, public_bytes
 from hivemind.store.runners import RunnerRecord, RunnerStatus

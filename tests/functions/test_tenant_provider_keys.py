@@ -6,6 +6,7 @@ import dataclasses
 from typing import TYPE_CHECKING, Any
 
 import pytest
+
 from hivemind.envelope import HpkeKeyPair, SealedEnvelope, open_provider_key, provider_key_info, seal_to
 from hivemind.errors import EnvelopeError
 from hivemind.manifest import KeyRotation, sign_key_rotation

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
 from hivemind.canonical import canonical_json
 from hivemind.encoding import b64encode
 from hivemind.errors import Conflict, HivemindError, KeyRotationError, PayloadTooLarge, ServiceUnavailable

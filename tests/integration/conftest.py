@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from hivemind.store import AwsClients, Store
 
 # 2023-11-14T22:13:20Z

@@ -8,6 +8,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
+
 from hivemind.errors import IntegrityError, NotFound
 from hivemind.ledger import GENESIS_HASH, entry_hash
 from hivemind.store import AwsClients, Store

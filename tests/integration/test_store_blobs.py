@@ -8,6 +8,7 @@ import os
 
 import httpx
 import pytest
+
 from hivemind.errors import IntegrityError, InvalidInput, NotFound, PayloadTooLarge
 from hivemind.store import AwsClients, Store
 from hivemind.store.schema import item_key, room_prefix, run_output_key

@@ -5,6 +5,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
 from hivemind.errors import Conflict, Forbidden, Gone, HivemindError, InvalidInput, NotFound, Unauthenticated
 from hivemind.keys import auth_hash, auth_hash_from_bearer, auth_token
 from hivemind.store import Store

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from hivemind.encoding import b64encode
 from hivemind.errors import ExpiredError, InvalidInput, ReplayError
 from hivemind.store import AwsClients, Store

@@ -5,6 +5,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
 from hivemind.encoding import b64encode
 from hivemind.errors import (
     Conflict,

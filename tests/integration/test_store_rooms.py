@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 
 import pytest
+
 from hivemind.errors import Conflict, Gone, IntegrityError, NotFound, RevisionRollback
 from hivemind.store import Store
 from hivemind.store.blobs import StoredObject

@@ -5,6 +5,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
+
 from hivemind.errors import Conflict, InvalidInput, NotFound
 from hivemind.models import Budgets, RunStatus, Stage, StageUsage
 from hivemind.store import Store

@@ -6,6 +6,7 @@ import json
 from datetime import date
 
 import pytest
+
 from hivemind.errors import InvalidInput, StoreError
 from hivemind.store import AwsClients, Store, StoreConfig
 from hivemind.store.audit import AuditKind

@@ -20,6 +20,7 @@ from typing import Any
 
 import boto3
 import pytest
+
 from hivemind.encoding import b64encode
 from hivemind.errors import IntegrityError, InvalidInput
 from hivemind.keys import (

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from hivemind.archive import pack_directory, validate_archive
 from hivemind_runner.sandbox import (
     PreparedAgent,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from hivemind.admission import Deny
 from hivemind.errors import InvalidPolicy
 from hivemind.models import Stage

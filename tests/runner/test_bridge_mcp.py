@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from hivemind.models import Stage
 from hivemind.policy import parse_policy
 from hivemind_runner.bridge import (

@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from hivemind.archive import pack_directory, validate_archive
 from hivemind.encoding import b64encode
 from hivemind.keys import owner_box_key, owner_sign_key, public_bytes

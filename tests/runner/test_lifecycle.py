@@ -10,16 +10,6 @@ from typing import Any
 
 import pytest
 from boto3.dynamodb.types import TypeSerializer
-from hivemind.archive import pack_directory
-from hivemind.envelope import OutputRecipient, open_output_key, seal_run_envelope
-from hivemind.errors import EnvelopeError
-from hivemind.manifest import sign_manifest
-from hivemind.models import OutputVisibility, RunStatus, Stage, Visibility
-from hivemind.receipt import ReceiptExpectations, SignedReceipt, verify_artifact, verify_receipt
-from hivemind.seal import SealContext, open_bytes
-from hivemind.store import Store
-from hivemind.store.schema import QueueRole, TableRole, item_key, run_artifact_key, run_receipt_key
-from hivemind_runner.lifecycle import RunOutcome
 from support.rooms import (
     Room,
     Tenant,
@@ -44,6 +34,17 @@ from support.runner_harness import (
     HarnessRunner,
     make_runner,
 )
+
+from hivemind.archive import pack_directory
+from hivemind.envelope import OutputRecipient, open_output_key, seal_run_envelope
+from hivemind.errors import EnvelopeError
+from hivemind.manifest import sign_manifest
+from hivemind.models import OutputVisibility, RunStatus, Stage, Visibility
+from hivemind.receipt import ReceiptExpectations, SignedReceipt, verify_artifact, verify_receipt
+from hivemind.seal import SealContext, open_bytes
+from hivemind.store import Store
+from hivemind.store.schema import QueueRole, TableRole, item_key, run_artifact_key, run_receipt_key
+from hivemind_runner.lifecycle import RunOutcome
 
 pytestmark = pytest.mark.moto_server
 

@@ -9,13 +9,6 @@ import time
 from pathlib import Path
 
 import pytest
-from hivemind.models import OutputVisibility, RunStatus, Stage
-from hivemind.receipt import ReceiptExpectations, verify_receipt
-from hivemind.store import Store
-from hivemind_runner.images import AgentImageCache
-from hivemind_runner.llm import LlmConfig, LlmGateway
-from hivemind_runner.pipeline import Pipeline
-from hivemind_runner.sandbox.docker_backend import DockerBackend
 from support.rooms import (
     Tenant,
     agent_ref,
@@ -28,6 +21,14 @@ from support.rooms import (
     upload_agent,
 )
 from support.runner_harness import TEST_COMPOSE_HASH, make_runner
+
+from hivemind.models import OutputVisibility, RunStatus, Stage
+from hivemind.receipt import ReceiptExpectations, verify_receipt
+from hivemind.store import Store
+from hivemind_runner.images import AgentImageCache
+from hivemind_runner.llm import LlmConfig, LlmGateway
+from hivemind_runner.pipeline import Pipeline
+from hivemind_runner.sandbox.docker_backend import DockerBackend
 
 pytestmark = [pytest.mark.docker, pytest.mark.slow, pytest.mark.moto_server]
 

@@ -11,10 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hivemind.models import Stage
-from hivemind.store import Store
-from hivemind_runner.pipeline import PipelineInputs, PipelineResult
-from hivemind_runner.telemetry import PhaseClock, configure_logging
 from support.rooms import (
     Tenant,
     agent_ref,
@@ -26,6 +22,11 @@ from support.rooms import (
     write_agent_dir,
 )
 from support.runner_harness import TEST_COMPOSE_HASH, FakePipeline, make_runner
+
+from hivemind.models import Stage
+from hivemind.store import Store
+from hivemind_runner.pipeline import PipelineInputs, PipelineResult
+from hivemind_runner.telemetry import PhaseClock, configure_logging
 
 pytestmark = pytest.mark.moto_server
 

@@ -6,6 +6,7 @@ import io
 import json
 
 import pytest
+
 from hivemind.errors import ReplayError, SealError
 from hivemind.models import Stage, StageUsage
 from hivemind_runner.lifecycle import error_code_of

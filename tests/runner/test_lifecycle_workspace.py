@@ -9,9 +9,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hivemind.models import RunStatus
-from hivemind.store import Store
-from hivemind_runner.workspace import WorkspaceError, WorkspaceFactory
 from support.rooms import (
     Tenant,
     agent_ref,
@@ -23,6 +20,10 @@ from support.rooms import (
     write_agent_dir,
 )
 from support.runner_harness import TEST_COMPOSE_HASH, FakePipeline, make_runner
+
+from hivemind.models import RunStatus
+from hivemind.store import Store
+from hivemind_runner.workspace import WorkspaceError, WorkspaceFactory
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="tmpfs mounts need root")
 

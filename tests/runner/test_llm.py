@@ -9,6 +9,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.llm_server import FakeLlmServer
+
 from hivemind.encoding import b64decode, b64encode
 from hivemind.envelope import HpkeKeyPair, provider_key_info, seal_provider_key, seal_to
 from hivemind.errors import InvalidInput, StoreError
@@ -26,7 +28,6 @@ from hivemind_runner.llm import (
     ProviderNotAllowed,
     RunLlm,
 )
-from support.llm_server import FakeLlmServer
 
 OPERATOR_KEY = "sk-operator-secret-0123456789"
 TENANT_KEY = "sk-tenant-own-key-9876543210"

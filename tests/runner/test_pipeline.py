@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from support.llm_server import FakeLlmServer
+
 from hivemind.archive import pack_directory, validate_archive
 from hivemind.encoding import b64encode
 from hivemind.keys import owner_box_key, owner_sign_key, public_bytes
@@ -37,7 +39,6 @@ from hivemind_runner.pipeline import (
     StageAgent,
 )
 from hivemind_runner.sandbox import SandboxBackend
-from support.llm_server import FakeLlmServer
 
 pytestmark = pytest.mark.slow
 

@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import pytest
+
 from hivemind.models import Stage
 from hivemind.policy import parse_policy
 from hivemind_runner.bridge import ArtifactStore, BridgeLimits, StageOutput

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from hivemind_runner.sandbox import (
     CONTAINER_BRIDGE_PATH,
     Outcome,

@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
+
 from hivemind.archive import pack_directory, validate_archive
 from hivemind.errors import InvalidArchive
 from hivemind_runner.images import AgentImageCache
@@ -24,7 +26,6 @@ from hivemind_runner.sandbox import (
 )
 from hivemind_runner.sandbox.base import OutputCapture, classify
 from hivemind_runner.sandbox.docker_backend import DockerBackend
-from pydantic import ValidationError
 
 DIGEST = "ab" * 32
 AGENT = PreparedAgent(

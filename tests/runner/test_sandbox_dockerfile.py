@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from hivemind_runner.sandbox import AGENT_BASE_IMAGE, DockerfileRefused
 from hivemind_runner.sandbox.dockerfile import (
     BASE_CMD,

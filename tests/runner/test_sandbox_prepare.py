@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from hivemind.archive import pack_directory, validate_archive
 from hivemind_runner.sandbox import (
     AGENT_BASE_IMAGE,

@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from hivemind.models import Stage
 from hivemind_runner.scoped import (
     DataLimitExceeded,

@@ -9,6 +9,7 @@ from functools import partial
 from typing import Any
 
 import pytest
+
 from hivemind.errors import Forbidden, Gone
 from hivemind.models import Stage
 from hivemind.policy import AggregatePolicy, parse_policy

@@ -6,6 +6,7 @@ import base64
 from typing import Any
 
 import pytest
+
 from hivemind.errors import Forbidden, Gone, InvalidPolicy, NotFound, PayloadTooLarge
 from hivemind.models import Stage
 from hivemind.policy import parse_policy

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from hivemind.errors import InvalidPolicy
 from hivemind.models import Stage
 from hivemind.policy import parse_policy

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
 from hivemind.models import Stage
 from hivemind.policy import AggregatePolicy, parse_policy
 from hivemind_runner.scoped import (

@@ -13,6 +13,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+
 from hivemind_runner.scoped.spill import RAM_FILESYSTEMS, filesystem_type
 
 MiB = 1024 * 1024

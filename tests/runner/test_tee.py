@@ -13,6 +13,7 @@ from typing import Any
 import httpx
 import pytest
 from dstack_sdk import GetKeyResponse, GetQuoteResponse, get_compose_hash
+
 from hivemind.attestation import (
     APP_ID_EVENT,
     COMPOSE_HASH_EVENT,

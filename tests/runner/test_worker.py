@@ -11,11 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hivemind.errors import ServiceUnavailable
-from hivemind.models import RunStatus
-from hivemind.store import Store
-from hivemind.store.schema import QueueRole
-from hivemind_runner.worker import RunWorker
 from support.rooms import (
     Room,
     Tenant,
@@ -28,6 +23,12 @@ from support.rooms import (
     write_agent_dir,
 )
 from support.runner_harness import TEST_COMPOSE_HASH, FakePipeline, HarnessRunner, make_runner
+
+from hivemind.errors import ServiceUnavailable
+from hivemind.models import RunStatus
+from hivemind.store import Store
+from hivemind.store.schema import QueueRole
+from hivemind_runner.worker import RunWorker
 
 pytestmark = pytest.mark.moto_server
 

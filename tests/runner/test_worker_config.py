@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from hivemind.errors import InvalidInput
 from hivemind.models import TeeKind
 from hivemind_runner.__main__ import make_tee, read_release, runner_id_for

@@ -12,12 +12,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from hivemind.models import RunStatus
-from hivemind.store import Store, StoreConfig
-from hivemind.store.runners import RunnerStatus
-from hivemind.store.schema import QueueRole, run_receipt_key
-from hivemind_runner.keys import RunnerKeys
-from hivemind_runner.tee import SimulatedTee
 from support.rooms import (
     Tenant,
     agent_ref,
@@ -30,6 +24,13 @@ from support.rooms import (
     write_agent_dir,
 )
 from support.runner_harness import TEST_COMPOSE_HASH
+
+from hivemind.models import RunStatus
+from hivemind.store import Store, StoreConfig
+from hivemind.store.runners import RunnerStatus
+from hivemind.store.schema import QueueRole, run_receipt_key
+from hivemind_runner.keys import RunnerKeys
+from hivemind_runner.tee import SimulatedTee
 
 pytestmark = [pytest.mark.moto_server, pytest.mark.slow]
 

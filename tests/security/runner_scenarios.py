@@ -6,9 +6,6 @@ import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from hivemind.receipt import SignedReceipt
-from hivemind.store import Store
-from hivemind.store.schema import TableRole
 from support.rooms import (
     Room,
     Tenant,
@@ -21,6 +18,10 @@ from support.rooms import (
     write_agent_dir,
 )
 from support.runner_harness import TEST_COMPOSE_HASH, FakePipeline, HarnessRunner, make_runner
+
+from hivemind.receipt import SignedReceipt
+from hivemind.store import Store
+from hivemind.store.schema import TableRole
 
 SALES = b"region,amount\nnorth,10\nsouth,20\n"
 

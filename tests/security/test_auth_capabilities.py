@@ -10,13 +10,14 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from runner_scenarios import make_test_runner
+from security_support import deployment_snapshot, snapshot_difference
+from support.runner_harness import FakePipeline, HarnessRunner
+
 from hivemind.envelope import HpkeSuite, RunEnvelope, seal_run_envelope
 from hivemind.keys import auth_token, public_bytes, wrap_key
 from hivemind.store.runners import RunnerRecord
 from hivemind.tokens import Secret, TokenKind
-from runner_scenarios import make_test_runner
-from security_support import deployment_snapshot, snapshot_difference
-from support.runner_harness import FakePipeline, HarnessRunner
 
 pytestmark = pytest.mark.moto_server
 

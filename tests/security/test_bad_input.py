@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from security_support import deployment_snapshot, snapshot_difference
+
 from hivemind.archive import validate_archive
 from hivemind.encoding import b64encode, sha256_hex
 from hivemind.errors import InvalidArchive, InvalidLink, InvalidPolicy
@@ -22,7 +24,6 @@ from hivemind.manifest import parse_link
 from hivemind.models import Stage
 from hivemind.policy import parse_policy
 from hivemind_runner.scoped import ItemInfo, RoomItem, SqlRejected, build_scoped_database
-from security_support import deployment_snapshot, snapshot_difference
 
 REPO = Path(__file__).resolve().parents[2]
 

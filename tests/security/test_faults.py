@@ -13,6 +13,10 @@ import pytest
 from aws_lambda_powertools import Logger
 from botocore.exceptions import ClientError
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from runner_scenarios import make_test_runner
+from security_support import deployment_snapshot, snapshot_difference
+from support.runner_harness import FakePipeline, HarnessRunner
+
 from hivemind.envelope import HpkeSuite, RunEnvelope, seal_run_envelope
 from hivemind.keys import public_bytes, wrap_key
 from hivemind.models import Stage
@@ -22,9 +26,6 @@ from hivemind.store.schema import QueueRole, item_key, run_envelope_key, run_rec
 from hivemind_functions.janitor import Janitor
 from hivemind_functions.settle import Settler
 from hivemind_runner.pipeline import PipelineInputs, PipelineResult
-from runner_scenarios import make_test_runner
-from security_support import deployment_snapshot, snapshot_difference
-from support.runner_harness import FakePipeline, HarnessRunner
 
 pytestmark = pytest.mark.moto_server
 

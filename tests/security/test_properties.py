@@ -14,6 +14,10 @@ from typing import Any
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from runner_scenarios import untrusted_runner_run
+from security_support import AnyCollateral, genuine_quote_for, tdx_document
+from support.rooms import Tenant, build_manifest
+
 from hivemind import attestation as attestation_module
 from hivemind.attestation import verify_attestation
 from hivemind.canonical import canonical_json
@@ -53,9 +57,6 @@ from hivemind.trust import RunnerTrust, RunnerTrustMode
 from hivemind_runner.outputs import RunnerIdentity, build_receipt, seal_and_store_outputs
 from hivemind_runner.sandbox.base import PreparedAgent, SandboxSpec
 from hivemind_runner.scoped import ItemInfo, RoomItem, SqlRejected, build_scoped_database, simulate
-from runner_scenarios import untrusted_runner_run
-from security_support import AnyCollateral, genuine_quote_for, tdx_document
-from support.rooms import Tenant, build_manifest
 
 REPO = Path(__file__).resolve().parents[2]
 RUNNER_SOURCES = REPO / "agent-runner" / "hivemind_runner"

@@ -31,6 +31,21 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from security_support import (
+    AnyCollateral,
+    delete_row,
+    deployment_snapshot,
+    edit_row,
+    flip_byte,
+    flip_text,
+    genuine_quote_for,
+    put_row,
+    read_row,
+    snapshot_difference,
+    tdx_document,
+    truncate,
+)
+
 from hivemind import attestation as attestation_module
 from hivemind.attestation import (
     AttestationDocument,
@@ -87,20 +102,6 @@ from hivemind.store.runners import RunnerRecord
 from hivemind.store.schema import TableRole, agent_source_key
 from hivemind.tokens import random_id
 from hivemind.trust import RunnerTrust, RunnerTrustMode
-from security_support import (
-    AnyCollateral,
-    delete_row,
-    deployment_snapshot,
-    edit_row,
-    flip_byte,
-    flip_text,
-    genuine_quote_for,
-    put_row,
-    read_row,
-    snapshot_difference,
-    tdx_document,
-    truncate,
-)
 
 pytestmark = pytest.mark.moto_server
 

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
 from hivemind.archive import pack_directory, validate_archive
 from hivemind.encoding import b64encode
 from hivemind.envelope import (

@@ -19,7 +19,6 @@ from hivemind_runner.__main__ import main
 from hivemind_runner.config import RunnerSettings
 from hivemind_runner.keys import RunnerKeys
 from hivemind_runner.pipeline import PipelineInputs
-
 from support.runner_harness import FakePipeline
 
 BLOCK_FILE = Path(os.environ["HIVEMIND_TEST_BLOCK_FILE"])

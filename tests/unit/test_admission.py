@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
+
 from hivemind.admission import (
     ALLOW,
     EXTRA_POLICIES_ENV,

@@ -24,6 +24,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import pytest
+
 from hivemind_agent import (
     AgentInput,
     Bridge,

@@ -11,6 +11,8 @@ import tarfile
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
+
 from hivemind.archive import (
     DEFAULT_LIMITS,
     AgentFile,
@@ -23,7 +25,6 @@ from hivemind.archive import (
     validate_archive,
 )
 from hivemind.errors import InvalidArchive, InvalidInput, NotFound
-from pydantic import ValidationError
 
 DOCKERFILE = b"FROM hivemind/agent-base:local\nCOPY main.py /agent/main.py\n"
 MAIN = b"print('hello')\n"

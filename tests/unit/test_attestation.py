@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import ValidationError
+
 from hivemind import attestation
 from hivemind.attestation import (
     AttestationDocument,
@@ -49,7 +51,6 @@ from hivemind.errors import (
 )
 from hivemind.models import TeeKind
 from hivemind.trust import ReleaseStatement, RunnerTrust, RunnerTrustMode, operator_public_key, sign_release
-from pydantic import ValidationError
 
 VECTORS = Path(__file__).resolve().parents[2].parent / "shared" / "test-vectors" / "tdx"
 GOOD_AT = 1750377600  # 2025-06-20: the good quote verifies, UpToDate

@@ -1,6 +1,7 @@
 """RFC 8785 canonical JSON and the no-floats rule for signed documents."""
 
 import pytest
+
 from hivemind.canonical import canonical_json, canonical_sha256
 from hivemind.errors import FloatInSignedDocument
 from hivemind.models import Budgets

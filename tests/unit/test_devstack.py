@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from hivemind.tokens import Secret, TokenKind
 from hmctl.devstack import processes
 from hmctl.devstack.demo import DemoReport, clear_stale_demo_profiles

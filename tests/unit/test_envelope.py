@@ -10,6 +10,8 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.mlkem import MLKEM768PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from pydantic import ValidationError
+
 from hivemind.encoding import b64decode, b64encode
 from hivemind.envelope import (
     MAX_RUN_ENVELOPE_TTL_S,
@@ -36,7 +38,6 @@ from hivemind.envelope import (
 from hivemind.errors import EnvelopeError, ExpiredError, InvalidInput, ReplayError, ServiceUnavailable
 from hivemind.keys import public_bytes
 from hivemind.models import Budgets
-from pydantic import ValidationError
 
 NOW = 1_750_000_000
 ROOM = "room_abc123"

@@ -5,6 +5,7 @@ import hmac
 from pathlib import Path
 
 import pytest
+
 from hivemind.encoding import b64decode, b64encode
 from hivemind.errors import InvalidToken, Unauthenticated, WrapError
 from hivemind.keys import (

@@ -7,6 +7,8 @@ import itertools
 
 import pytest
 import rfc8785
+from pydantic import ValidationError
+
 from hivemind.errors import LedgerError
 from hivemind.ledger import (
     GENESIS_HASH,
@@ -20,7 +22,6 @@ from hivemind.ledger import (
     stored_entry,
     verify_chain,
 )
-from pydantic import ValidationError
 
 T0 = 1_700_000_000
 

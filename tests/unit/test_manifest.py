@@ -8,6 +8,8 @@ import pytest
 import rfc8785
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from pydantic import ValidationError
+
 from hivemind.canonical import canonical_json
 from hivemind.encoding import b64decode, b64encode
 from hivemind.errors import (
@@ -48,7 +50,6 @@ from hivemind.models import DEFAULT_BUDGET_LIMITS, OutputVisibility, QueryMode, 
 from hivemind.policy import parse_policy
 from hivemind.tokens import Secret, TokenKind
 from hivemind.trust import RunnerTrust, RunnerTrustMode
-from pydantic import ValidationError
 
 OWNER = Secret(TokenKind.TENANT, bytes(range(32)))
 OWNER_KEY = owner_sign_key(OWNER)

@@ -9,6 +9,7 @@ import sqlite3
 from typing import Any
 
 import pytest
+
 from hivemind.errors import InvalidPolicy
 from hivemind.policy import (
     REDACTED,

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+
 from hivemind.errors import InvalidPolicy
 from hivemind.policy import (
     MAX_PATTERNS,

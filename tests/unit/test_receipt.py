@@ -7,6 +7,8 @@ from typing import Any
 import pytest
 import rfc8785
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import ValidationError
+
 from hivemind.canonical import canonical_json
 from hivemind.encoding import b64decode, b64encode
 from hivemind.errors import FloatInSignedDocument, InvalidInput, ReceiptError
@@ -24,7 +26,6 @@ from hivemind.receipt import (
     verify_artifact,
     verify_receipt,
 )
-from pydantic import ValidationError
 
 RUNNER_KEY = Ed25519PrivateKey.from_private_bytes(b"\x11" * 32)
 RUNNER_PUB = b64encode(public_bytes(RUNNER_KEY))

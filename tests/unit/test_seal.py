@@ -18,6 +18,8 @@ import pytest
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from pydantic import ValidationError
+
 from hivemind import seal
 from hivemind.errors import InvalidInput, SealError
 from hivemind.models import ObjectKind
@@ -35,7 +37,6 @@ from hivemind.seal import (
     seal_stream,
     sealed_size,
 )
-from pydantic import ValidationError
 
 KEY = bytes(range(32))
 CHUNK = 4096

@@ -9,6 +9,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
+
 from hivemind.errors import IntegrityError
 from hivemind.store import transfer
 

@@ -4,6 +4,8 @@ import hashlib
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import ValidationError
+
 from hivemind.canonical import canonical_json
 from hivemind.encoding import b64decode, b64encode
 from hivemind.errors import ComposeHashNotTrusted, SignatureError
@@ -18,7 +20,6 @@ from hivemind.trust import (
     sign_release,
     verify_release,
 )
-from pydantic import ValidationError
 
 PINNED_HASH = hashlib.sha256(b"app-compose v1").hexdigest()
 NEW_HASH = hashlib.sha256(b"app-compose v2").hexdigest()

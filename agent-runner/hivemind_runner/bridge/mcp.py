@@ -22,7 +22,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from hivemind.errors import HivemindError
-
 from hivemind_runner.bridge.errors import InvalidRequest, wire_error
 from hivemind_runner.bridge.grants import GRANTS, Tool
 from hivemind_runner.bridge.session import StageSession

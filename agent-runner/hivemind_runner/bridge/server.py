@@ -24,7 +24,6 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from hivemind.errors import NotFound, PayloadTooLarge, Unauthenticated
-
 from hivemind_runner.bridge.errors import InvalidRequest, MethodNotAllowed, wire_error
 from hivemind_runner.bridge.mcp import McpEndpoint
 from hivemind_runner.bridge.session import StageSession, parse_json_object

@@ -29,13 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from pydantic import Field
+
 from hivemind.admission import AdmissionChain, raise_for_decision
 from hivemind.envelope import MAX_PROMPT_CHARS
 from hivemind.errors import NotFound, PayloadTooLarge, RateLimited
 from hivemind.models import Stage, StrictModel
 from hivemind.policy import ScopePolicy, check_policy
-from pydantic import Field
-
 from hivemind_runner.bridge.errors import ArtifactExists, InvalidRequest, StageFinished
 from hivemind_runner.bridge.grants import Tool, ToolCall
 from hivemind_runner.llm import RunLlm

@@ -33,10 +33,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Protocol, runtime_checkable
 
+from pydantic import Field, SecretStr, field_validator
+
 from hivemind.archive import AgentManifest, pack_directory, read_archive_file, validate_archive
 from hivemind.errors import HivemindError, IntegrityError, InvalidInput, ServiceUnavailable
 from hivemind.models import Sha256Hex, Stage, StrictModel
-from pydantic import Field, SecretStr, field_validator
 
 AGENT_BASE_IMAGE = "hivemind/agent-base:local"
 AGENT_UID = 10001

@@ -51,11 +51,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from pydantic import Field
+
 from hivemind.archive import extract_archive
 from hivemind.canonical import canonical_sha256
 from hivemind.models import Sha256Hex, StrictModel
-from pydantic import Field
-
 from hivemind_runner.sandbox.base import (
     AGENT_GID,
     AGENT_UID,

@@ -24,7 +24,6 @@ from typing import Literal
 from hivemind.errors import Forbidden, Gone
 from hivemind.models import Stage, StrictModel
 from hivemind.policy import AggregateFunction, AggregatePolicy, QueryView
-
 from hivemind_runner.scoped.items import DocumentShelf, ItemContent, ItemInfo
 from hivemind_runner.scoped.limits import ScopedLimits
 from hivemind_runner.scoped.sql import (

@@ -20,10 +20,11 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, BinaryIO
 
+from pydantic import Field
+
 from hivemind.errors import Forbidden, InvalidInput, NotFound, PayloadTooLarge
 from hivemind.models import Identifier, StrictModel
 from hivemind.policy import ItemsPolicy
-from pydantic import Field
 
 TABLE_METADATA_KEY = "table"
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hivemind.models import StrictModel
 from pydantic import Field
+
+from hivemind.models import StrictModel
 
 KiB = 1024
 MiB = 1024 * KiB

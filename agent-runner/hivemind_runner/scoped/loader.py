@@ -35,7 +35,6 @@ from pathlib import Path
 
 from hivemind.models import Stage
 from hivemind.policy import ScopePolicy, TablePolicy, check_against_schema, parse_policy, public_view
-
 from hivemind_runner.scoped.database import ColumnType, LoadedTable, ScopedDatabase
 from hivemind_runner.scoped.errors import DataLimitExceeded, DataLoadError
 from hivemind_runner.scoped.items import TABLE_METADATA_KEY, DocumentShelf, ItemKind, RoomItem, item_kind

@@ -22,7 +22,6 @@ import unicodedata
 from collections.abc import Iterable
 
 from hivemind.policy import MAX_NAME_LENGTH
-
 from hivemind_runner.scoped.errors import DataLoadError
 
 _OTHER = re.compile(r"[^a-z0-9]+")

@@ -14,7 +14,6 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeVar
 
 from hivemind.policy import ScopePolicy, narrow, parse_policy
-
 from hivemind_runner.scoped.database import ScopedDatabase
 from hivemind_runner.scoped.items import RoomItem
 from hivemind_runner.scoped.limits import ScopedLimits

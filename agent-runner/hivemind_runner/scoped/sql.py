@@ -32,14 +32,14 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import sqlglot
-from hivemind.models import StrictModel
-from hivemind.policy import AggregateFunction, AggregatePolicy
 from pydantic import Field, StrictFloat, StrictInt, StrictStr
 from sqlglot import exp
 from sqlglot.dialects.sqlite import SQLite
 from sqlglot.errors import ErrorLevel, SqlglotError
 from sqlglot.tokens import TokenType
 
+from hivemind.models import StrictModel
+from hivemind.policy import AggregateFunction, AggregatePolicy
 from hivemind_runner.scoped.errors import SqlDenied, SqlInvalid, SqlRejected
 
 

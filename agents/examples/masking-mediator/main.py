@@ -1,7 +1,8 @@
 """Entry point of the example masking mediator."""
 
-from hivemind_agent import main
 from masking_agent import mediate
+
+from hivemind_agent import main
 
 if __name__ == "__main__":
     main(mediate)

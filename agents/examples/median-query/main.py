@@ -1,7 +1,8 @@
 """Entry point of the example median agent (a participant's own query agent)."""
 
-from hivemind_agent import main
 from median_agent import answer
+
+from hivemind_agent import main
 
 if __name__ == "__main__":
     main(answer)

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
+
 from hivemind.errors import HivemindError, InvalidToken
 from hivemind.keys import auth_token, credential_id
 from hivemind.tokens import Secret, TokenKind
-
 from hmctl.commands.common import JsonFlag, usd, when
 from hmctl.console import Ui
 from hmctl.errors import ProfileError, UsageError

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
-from hivemind.keys import auth_hash
-from hivemind.tokens import Secret, TokenKind
 from pydantic import ValidationError
 
+from hivemind.keys import auth_hash
+from hivemind.tokens import Secret, TokenKind
 from hmctl.client import ApiClient
 from hmctl.commands.common import JsonFlag, YesFlag, parse_usd, short, usd, when
 from hmctl.console import Ui

@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+
 from hivemind.errors import IntegrityError
 from hivemind.models import Visibility
-
 from hmctl.agents import pack_agent, upload_agent
 from hmctl.commands.common import JsonFlag, when
 from hmctl.console import Ui

@@ -10,12 +10,12 @@ from types import FrameType
 from typing import Annotated
 
 import typer
-from hivemind.attestation import is_loopback_service
-from hivemind.tokens import Secret
 from rich.markup import escape
 from rich.panel import Panel
 from rich.table import Table
 
+from hivemind.attestation import is_loopback_service
+from hivemind.tokens import Secret
 from hmctl.commands.common import JsonFlag
 from hmctl.console import Ui
 from hmctl.devstack import environment

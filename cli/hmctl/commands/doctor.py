@@ -25,11 +25,11 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
+
 from hivemind.attestation import is_loopback_service
 from hivemind.errors import HivemindError
 from hivemind.tokens import Secret
-from rich.markup import escape
-
 from hmctl.client import ApiClient
 from hmctl.commands.common import JsonFlag, usd
 from hmctl.console import Ui

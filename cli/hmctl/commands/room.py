@@ -7,6 +7,8 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
+
 from hivemind.errors import HivemindError
 from hivemind.manifest import RoomManifest
 from hivemind.models import (
@@ -19,8 +21,6 @@ from hivemind.models import (
 )
 from hivemind.policy import parse_policy
 from hivemind.trust import RunnerTrust, RunnerTrustMode
-from pydantic import ValidationError
-
 from hmctl.agents import pack_agent, upload_agent
 from hmctl.client import ApiClient
 from hmctl.commands.common import JsonFlag, YesFlag, short, when

@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+
 from hivemind.envelope import OutputRecipient
 from hivemind.errors import EnvelopeError, HivemindError, ReceiptError
 from hivemind.keys import owner_box_key
 from hivemind.receipt import SignedReceipt
 from hivemind.tokens import Secret, TokenKind
-
 from hmctl.client import ApiClient
 from hmctl.commands.common import JsonFlag, short, usd, when
 from hmctl.commands.room import deliver

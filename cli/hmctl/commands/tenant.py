@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Annotated
 
 import typer
+
 from hivemind.envelope import HpkePublicKeys, seal_provider_key
 from hivemind.tokens import Secret
-
 from hmctl.client import ApiClient
 from hmctl.commands.common import JsonFlag, YesFlag
 from hmctl.console import Ui

@@ -34,6 +34,7 @@ from pathlib import Path
 
 import boto3
 import httpx
+
 from hivemind.keys import auth_hash, auth_token
 from hivemind.store import AwsClients, StoreConfig
 from hivemind.store.bootstrap import create_all

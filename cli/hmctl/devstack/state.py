@@ -21,9 +21,10 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 from hmctl.devstack.processes import ProcessRecord
 from hmctl.errors import CliError, ExitCode
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 STATE_DIR_ENV = "HMCTL_STATE_DIR"
 STACK_FILE = "stack.json"

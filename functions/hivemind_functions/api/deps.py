@@ -30,6 +30,7 @@ from typing import Annotated
 from aws_lambda_powertools import Logger
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+
 from hivemind.errors import Forbidden, Gone, Unauthenticated
 from hivemind.keys import auth_hash_from_bearer
 from hivemind.store import AwsClients, Store
@@ -38,7 +39,6 @@ from hivemind.store.credentials import CredentialKind, CredentialRecord
 from hivemind.store.rooms import RoomStatus
 from hivemind.store.tenants import TenantRecord, TenantStatus
 from hivemind.tokens import TokenKind
-
 from hivemind_functions.settings import FunctionSettings
 
 SERVICE_NAME = "hivemind-api"

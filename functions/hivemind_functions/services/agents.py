@@ -44,7 +44,6 @@ from hivemind.store.audit import AuditKind
 from hivemind.store.blobs import PresignedUpload, StoredObject
 from hivemind.store.rooms import RoomStatus
 from hivemind.store.schema import agent_prefix, agent_source_key
-
 from hivemind_functions.api.deps import Caller, Services
 from hivemind_functions.services.common import ChunkReader
 from hivemind_functions.services.rooms import load_room, manifest_agent_refs

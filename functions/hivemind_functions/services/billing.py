@@ -11,6 +11,8 @@ import io
 from collections.abc import Iterable
 from typing import Any, Literal
 
+from pydantic import Field
+
 from hivemind.errors import HivemindError
 from hivemind.ledger import Account, LedgerEntry, stored_entry
 from hivemind.models import StrictModel
@@ -18,7 +20,6 @@ from hivemind.store import Store
 from hivemind.store.base import Table
 from hivemind.store.billing import EXPORT_COLUMNS
 from hivemind.store.schema import TableRole
-from pydantic import Field
 
 # Cells a spreadsheet would execute (CSV formula injection) get a leading quote, as in the daily export.
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r")

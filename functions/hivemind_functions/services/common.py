@@ -8,10 +8,11 @@ from collections.abc import Iterator
 from typing import Annotated, Any
 
 from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import AfterValidator, Field
+
 from hivemind.errors import StoreError
 from hivemind.store import Store
 from hivemind.store.base import raise_store_error
-from pydantic import AfterValidator, Field
 
 # Display text (names, labels, content types): no control or format characters, so what a listing
 # shows is what was stored (no terminal escapes, no bidi tricks).

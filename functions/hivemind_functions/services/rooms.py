@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from pydantic import ValidationError
+
 from hivemind.errors import (
     Conflict,
     Forbidden,
@@ -47,8 +49,6 @@ from hivemind.store.credentials import CredentialKind, CredentialRecord
 from hivemind.store.rooms import ItemState, RoomItem, RoomRecord, RoomStatus, RoomWrap
 from hivemind.store.schema import agent_prefix, item_key, room_prefix
 from hivemind.trust import RunnerTrustMode
-from pydantic import ValidationError
-
 from hivemind_functions.api.deps import Caller, Services
 from hivemind_functions.services.common import delete_object_versions
 

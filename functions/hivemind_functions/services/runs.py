@@ -26,6 +26,8 @@ from enum import StrEnum
 from typing import Any, Protocol
 
 from botocore.exceptions import BotoCoreError, ClientError
+from pydantic import Field, ValidationError
+
 from hivemind.admission import raise_for_decision
 from hivemind.canonical import canonical_json
 from hivemind.encoding import b32encode
@@ -58,8 +60,6 @@ from hivemind.store.runners import RunnerStatus
 from hivemind.store.runs import RunRecord
 from hivemind.store.schema import QueueRole, TableRole, run_artifact_key, run_envelope_key
 from hivemind.store.tenants import TenantRecord
-from pydantic import Field, ValidationError
-
 from hivemind_functions.admission import RunAdmission, admit, build_run_chain
 from hivemind_functions.settings import FunctionSettings
 

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from pydantic import ValidationError
+
 from hivemind.envelope import SealedEnvelope
 from hivemind.errors import (
     Conflict,
@@ -37,8 +39,6 @@ from hivemind.store.credentials import CredentialKind, CredentialRecord
 from hivemind.store.rooms import RoomRecord, RoomWrap
 from hivemind.store.tenants import MAX_ROTATION_ROOMS, ProviderKey, ResignedRoom, TenantRecord
 from hivemind.tokens import random_id
-from pydantic import ValidationError
-
 from hivemind_functions.api.deps import Caller, Services
 from hivemind_functions.services.rooms import verify_stored_room
 

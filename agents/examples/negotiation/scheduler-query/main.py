@@ -1,7 +1,8 @@
 """Entry point of the example scheduler (query agent of the negotiation room)."""
 
-from hivemind_agent import main
 from scheduler_agent import answer
+
+from hivemind_agent import main
 
 if __name__ == "__main__":
     main(answer)

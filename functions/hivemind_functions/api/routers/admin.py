@@ -16,6 +16,8 @@ from datetime import UTC, date, datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Path, Query, Response
+from pydantic import Field
+
 from hivemind.errors import (
     Conflict,
     InvalidInput,
@@ -31,8 +33,6 @@ from hivemind.store.billing import CreditCode
 from hivemind.store.credentials import CredentialKind, CredentialRecord
 from hivemind.store.prices import RunnerFee, TokenPrice
 from hivemind.store.tenants import TenantRecord, TenantStatus
-from pydantic import Field
-
 from hivemind_functions.api.deps import AdminCaller, ServicesDep
 from hivemind_functions.services.billing import (
     AccountView,

@@ -15,13 +15,13 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Path, Query, Response
+from pydantic import Field
+
 from hivemind.envelope import RoomId, SealedEnvelope
 from hivemind.models import Identifier, Sha256Hex, StrictModel, UnixSeconds, Visibility
 from hivemind.store.agents import AgentRecord, AgentState
 from hivemind.store.blobs import MAX_PRESIGNED_UPLOAD, PresignedUpload
 from hivemind.tokens import random_id
-from pydantic import Field
-
 from hivemind_functions.api.deps import Caller, ParticipantCaller, Services, ServicesDep, TenantCaller
 from hivemind_functions.services import agents as service
 from hivemind_functions.services.common import DisplayName

@@ -10,13 +10,13 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query
+from pydantic import Field
+
 from hivemind.errors import InvalidInput, Unauthenticated
 from hivemind.keys import auth_hash_from_bearer
 from hivemind.ledger import LedgerEntry
 from hivemind.models import StrictModel
 from hivemind.tokens import TokenKind
-from pydantic import Field
-
 from hivemind_functions.api.deps import ServicesDep, TenantCaller
 from hivemind_functions.services.billing import AccountView, recent_entries
 

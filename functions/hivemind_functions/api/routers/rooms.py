@@ -10,6 +10,8 @@ from collections.abc import Sequence
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Path, Query
+from pydantic import Field
+
 from hivemind.errors import IntegrityError, InvalidInput
 from hivemind.manifest import SignedKeyRotation, SignedManifest
 from hivemind.models import Budgets, Identifier, Sha256Hex, StrictModel, UnixSeconds, Visibility
@@ -18,8 +20,6 @@ from hivemind.store.blobs import MAX_PRESIGNED_UPLOAD, PresignedUpload
 from hivemind.store.credentials import CredentialRecord
 from hivemind.store.rooms import ItemState, RoomItem, RoomRecord, RoomStatus
 from hivemind.tokens import random_id
-from pydantic import Field
-
 from hivemind_functions.api.deps import ParticipantCaller, ServicesDep, TenantCaller
 from hivemind_functions.api.routers.agents import AgentUploadResponse, DeclareQueryAgentRequest, agent_upload
 from hivemind_functions.api.routers.system import RunnerAttestation, live_attestations

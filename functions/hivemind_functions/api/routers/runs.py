@@ -11,12 +11,12 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Path, Query, Request
+
 from hivemind.errors import Forbidden, Gone, Unauthenticated
 from hivemind.keys import auth_hash_from_bearer
 from hivemind.store.credentials import CredentialKind
 from hivemind.store.tenants import TenantRecord, TenantStatus
 from hivemind.tokens import TokenKind
-
 from hivemind_functions.api.deps import AnyCaller, ParticipantCaller, ServicesDep
 from hivemind_functions.services.runs import (
     ArtifactLink,

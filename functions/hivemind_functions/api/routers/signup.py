@@ -8,10 +8,10 @@ tenants with ``POST /v1/admin/tenants`` otherwise.
 from __future__ import annotations
 
 from fastapi import APIRouter, Request
+
 from hivemind.errors import Forbidden, InvalidInput
 from hivemind.models import Ed25519PublicB64, StrictModel, UnixSeconds, X25519PublicB64
 from hivemind.tokens import TokenKind
-
 from hivemind_functions.api.deps import BearerCredentials, ServicesDep, bearer_auth_hash
 from hivemind_functions.services.common import DisplayName
 from hivemind_functions.services.tenants import register_tenant

@@ -5,12 +5,12 @@ from __future__ import annotations
 from typing import Literal
 
 from fastapi import APIRouter
+from pydantic import ValidationError
+
 from hivemind.attestation import AttestationDocument
 from hivemind.models import Budgets, StrictModel, UnixSeconds
 from hivemind.store.credentials import CredentialKind
 from hivemind.store.runners import RunnerRecord, RunnerStatus
-from pydantic import ValidationError
-
 from hivemind_functions import __version__
 from hivemind_functions.api.deps import AnyCaller, ServicesDep
 

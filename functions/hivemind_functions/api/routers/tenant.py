@@ -8,11 +8,11 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Path
+from pydantic import Field
+
 from hivemind.envelope import RoomId, SealedEnvelope
 from hivemind.manifest import SignedKeyRotation, SignedManifest
 from hivemind.models import Sha256Hex, StrictModel, UnixSeconds
-from pydantic import Field
-
 from hivemind_functions.api.deps import ServicesDep, TenantCaller
 from hivemind_functions.api.routers.rooms import WrapText
 from hivemind_functions.services import tenants as service
