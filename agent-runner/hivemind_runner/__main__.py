@@ -131,6 +131,9 @@ class Runner:
 
     def serve(self) -> int:
         """Publish, serve until :meth:`stop`, then mark the runner stopped. Returns unfinished runs."""
+        # Process-wide, before any thread of the runner uses SQLite: big sorts and groupings spill to
+        # tmpfs files, not the runner's heap (docs/runner.md, "SQLite scratch").
+        spilled = spill_to(self.settings.workspace_dir / SQLITE_SPILL_DIR)
         swept = self.workspaces.sweep()
         self.publisher.publish()
         self.publisher.start()
@@ -141,6 +144,7 @@ class Runner:
             sign_pub=self.keys.sign_pub,
             workspaces_swept=swept,
             tmpfs_mounts=self.workspaces.mounts_tmpfs,
+            sqlite_spill=spilled,
         )
         try:
             self.worker.serve()
@@ -180,9 +184,6 @@ def main(argv: list[str] | None = None, *, pipeline_factory: PipelineFactory = b
         return 2
     configure_logging(settings.log_level)
     logger = StructuredLogger()
-    # Process-wide, before any other thread uses SQLite: big sorts spill to tmpfs, not the runner's heap.
-    spilled = spill_to(settings.workspace_dir / SQLITE_SPILL_DIR)
-    logger.event("sqlite_spill", ram_backed=spilled)
     try:
         runner = Runner(settings, tee=make_tee(settings), pipeline_factory=pipeline_factory, logger=logger)
     except HivemindError as exc:
