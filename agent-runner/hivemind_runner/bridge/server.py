@@ -360,8 +360,9 @@ class BridgeServer:
             server.server_close()
             raise
         self._server = server
+        # A short poll interval: shutdown waits for it, and the last stage's shutdown is on the ask's path.
         self._thread = threading.Thread(
-            target=server.serve_forever, kwargs={"poll_interval": 0.1}, name="hivemind-bridge", daemon=True
+            target=server.serve_forever, kwargs={"poll_interval": 0.01}, name="hivemind-bridge", daemon=True
         )
         self._thread.start()
         return self

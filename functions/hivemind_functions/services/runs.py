@@ -70,8 +70,9 @@ SUBMIT_IDEMPOTENCY_TTL_S = 24 * 3600
 # The time a submission may take when no Lambda context says otherwise (uvicorn, tests).
 LOCAL_REQUEST_BUDGET_S = 30
 _RUN_ID_CONTEXT = b"hivemind/v1/run-id|"
-_POLL_FIRST_S = 0.2
-_POLL_MAX_S = 1.0
+# Long-poll re-reads of the run: a finished run is seen within a quarter second (docs/performance.md).
+_POLL_FIRST_S = 0.1
+_POLL_MAX_S = 0.25
 
 
 # --- wire models ------------------------------------------------------------------------------------
