@@ -13,13 +13,13 @@ from typing import Any
 
 import pytest
 from aws_lambda_powertools import Logger
+from support.runs import held_run
 
 from hivemind.models import Budgets, RunStatus, Visibility
 from hivemind.store import Store
 from hivemind.store.agents import AgentRecord
 from hivemind.store.billing import HoldState
 from hivemind.store.rooms import RoomItem, RoomRecord
-from hivemind.store.runs import RunRecord, RunResult
 from hivemind.store.schema import QueueRole, agent_source_key, item_key, ledger_export_key
 from hivemind.tokens import random_id
 from hivemind_functions import janitor as janitor_module
@@ -53,31 +53,15 @@ def tenant(store: Store) -> str:
 
 
 def new_run(store: Store, tenant_id: str, status: RunStatus = RunStatus.PENDING) -> str:
-    run_id = random_id("run")
-    now = store.clock()
-    store.billing.hold(tenant_id, run_id, HOLD, enforce=True)
-    store.runs.create(
-        RunRecord(
-            run_id=run_id,
-            room_id="room_janitor",
-            caller_id=tenant_id,
-            payer_tenant_id=tenant_id,
-            budgets=Budgets(timeout_s=60, llm_calls=0, tokens=0, memory_mb=256),
-            hold=HOLD,
-            prompt_sha256="0" * 64,
-            manifest_hash="1" * 64,
-            envelope_key=f"runs/{run_id}/envelope",
-            created_at=now,
-            updated_at=now,
-        )
+    return held_run(
+        store,
+        tenant_id,
+        room_id="room_janitor",
+        hold=HOLD,
+        budgets=Budgets(timeout_s=60, llm_calls=0, tokens=0, memory_mb=256),
+        status=status,
+        runner_id="runner_gone",
     )
-    if status is not RunStatus.PENDING:
-        store.runs.start(run_id, "runner_gone")
-    if status.terminal:
-        store.runs.finish(
-            run_id, status, RunResult(error_code=None if status is RunStatus.COMPLETED else "boom")
-        )
-    return run_id
 
 
 def released(store: Store, run_id: str) -> bool:

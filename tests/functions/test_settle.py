@@ -10,12 +10,13 @@ from typing import Any
 
 import pytest
 from aws_lambda_powertools import Logger
+from support.runs import held_run
 
 from hivemind.errors import HivemindError
 from hivemind.ledger import LedgerKind
 from hivemind.models import Budgets, RunStatus, Stage, StageUsage
 from hivemind.store import Store
-from hivemind.store.runs import RunRecord, RunResult
+from hivemind.store.runs import RunResult
 from hivemind.store.schema import QueueRole
 from hivemind.tokens import random_id
 from hivemind_functions import settle
@@ -49,31 +50,15 @@ def tenant(store: Store) -> str:
 def finished_run(
     store: Store, tenant_id: str, *, hold: int = 100_000, status: RunStatus = RunStatus.COMPLETED
 ) -> str:
-    run_id = random_id("run")
-    now = store.clock()
-    store.billing.hold(tenant_id, run_id, hold, enforce=True)
-    store.runs.create(
-        RunRecord(
-            run_id=run_id,
-            room_id="room_settle",
-            caller_id=tenant_id,
-            payer_tenant_id=tenant_id,
-            budgets=Budgets(timeout_s=600, llm_calls=10, tokens=20_000, memory_mb=256),
-            hold=hold,
-            prompt_sha256="0" * 64,
-            manifest_hash="1" * 64,
-            envelope_key=f"runs/{run_id}/envelope",
-            created_at=now,
-            updated_at=now,
-        )
+    return held_run(
+        store,
+        tenant_id,
+        room_id="room_settle",
+        hold=hold,
+        budgets=Budgets(timeout_s=600, llm_calls=10, tokens=20_000, memory_mb=256),
+        status=status,
+        runner_id="runner_test",
     )
-    if status is not RunStatus.PENDING:
-        store.runs.start(run_id, "runner_test")
-    if status.terminal:
-        store.runs.finish(
-            run_id, status, RunResult(error_code=None if status is RunStatus.COMPLETED else "boom")
-        )
-    return run_id
 
 
 def message(run_id: str, *, seconds: int = 30, prompt: int = 1000, completion: int = 500) -> str:
