@@ -30,7 +30,7 @@ from hivemind_runner.images import AgentImageCache
 from hivemind_runner.keys import RunnerKeys
 from hivemind_runner.lifecycle import PipelineRunner, RunLifecycle
 from hivemind_runner.llm import LlmConfig, LlmGateway
-from hivemind_runner.pipeline import Pipeline
+from hivemind_runner.pipeline import Pipeline, PipelineConfig
 from hivemind_runner.sandbox import select_backend
 from hivemind_runner.scoped.spill import spill_to
 from hivemind_runner.tee import DstackTee, SimulatedTee, TeeError, TeeProvider
@@ -171,7 +171,9 @@ def build_pipeline(settings: RunnerSettings, keys: RunnerKeys, store: Store) -> 
     gateway = LlmGateway(
         LlmConfig.from_env(), runner_keys=keys.hpke, tenant_keys=store.tenants.sealed_provider_keys
     )
-    return Pipeline(backend, AgentImageCache(backend), gateway)
+    return Pipeline(
+        backend, AgentImageCache(backend), gateway, config=PipelineConfig(prestart=settings.prestart)
+    )
 
 
 def main(argv: list[str] | None = None, *, pipeline_factory: PipelineFactory = build_pipeline) -> int:

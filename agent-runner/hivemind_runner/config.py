@@ -18,6 +18,7 @@
 | ``HIVEMIND_RUNNER_SHUTDOWN_GRACE_S`` | ``shutdown_grace_s`` | 600 |
 | ``HIVEMIND_RUNNER_WORKSPACE_DIR`` | ``workspace_dir`` | ``/dev/shm/hivemind-runner`` |
 | ``HIVEMIND_RUNNER_WORKSPACE_MB`` | ``workspace_mb`` (tmpfs size cap per run) | 2048 |
+| ``HIVEMIND_RUNNER_PRESTART`` | ``prestart``: start every stage's sandbox when a run starts | ``true`` |
 | ``HIVEMIND_LOG_LEVEL`` | ``log_level`` | ``INFO`` |
 
 Storage coordinates (``HIVEMIND_PREFIX``, ``HIVEMIND_ENDPOINT_URL``, ...) are :class:`StoreConfig`'s; LLM
@@ -67,6 +68,7 @@ ENV_VARIABLES: dict[str, str] = {
     "shutdown_grace_s": "HIVEMIND_RUNNER_SHUTDOWN_GRACE_S",
     "workspace_dir": "HIVEMIND_RUNNER_WORKSPACE_DIR",
     "workspace_mb": "HIVEMIND_RUNNER_WORKSPACE_MB",
+    "prestart": "HIVEMIND_RUNNER_PRESTART",
     "log_level": "HIVEMIND_LOG_LEVEL",
 }
 
@@ -102,6 +104,7 @@ class RunnerSettings(BaseModel):
     shutdown_grace_s: float = Field(default=600.0, ge=0, le=86_400)
     workspace_dir: Path = DEFAULT_BASE
     workspace_mb: int = Field(default=2048, ge=16, le=1_048_576)
+    prestart: bool = True
     log_level: str = Field(default="INFO", pattern=r"^(DEBUG|INFO|WARNING|ERROR)$")
 
     @model_validator(mode="after")

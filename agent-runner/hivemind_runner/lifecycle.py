@@ -464,9 +464,7 @@ class RunLifecycle:
         """
         refs = self._stage_refs(manifest, envelope)
         with ThreadPoolExecutor(max_workers=len(refs), thread_name_prefix="agent-fetch") as pool:
-            fetches = [
-                pool.submit(self._fetch_agent, manifest, stage, ref, workspace) for stage, ref in refs
-            ]
+            fetches = [pool.submit(self._fetch_agent, manifest, stage, ref, workspace) for stage, ref in refs]
             wait(fetches)
         return {stage: fetch.result() for (stage, _), fetch in zip(refs, fetches, strict=True)}
 

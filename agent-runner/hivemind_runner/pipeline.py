@@ -34,7 +34,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Protocol
@@ -50,6 +49,7 @@ from hivemind.receipt import ReceiptAgent
 from hivemind_runner.bridge import (
     ArtifactStore,
     BridgeLimits,
+    BridgeListener,
     BridgeServer,
     SimulationLimit,
     StageFinished,
@@ -170,6 +170,15 @@ class PipelineConfig(StrictModel):
     max_simulations: int = Field(default=5, ge=0, le=100, description="simulate calls per run")
     simulation_timeout_s: int = Field(default=120, ge=1, le=3600, description="cap of one simulation")
     stop_grace_s: float = Field(default=2.0, ge=0, le=60, description="time to exit after the output")
+    prestart: bool = Field(
+        default=True, description="start every stage's sandbox when the run starts (docs/bridge.md)"
+    )
+    prestart_max_wait_s: float = Field(
+        default=60.0,
+        ge=1,
+        le=240,
+        description="a pre-started sandbox that waited longer for its stage is replaced by a fresh one",
+    )
     socket_root: Path | None = Field(
         default=None,
         description="parent of the per-stage socket directories; must be traversable by uid 10001",
@@ -208,77 +217,182 @@ class _StageRun:
     result: SandboxResult
 
 
-class _LiveStage:
-    """One stage's sandbox on a thread of its own, so the run goes on as soon as the stage has posted
-    its answer: the container's exit and removal then overlap the next stage instead of delaying it.
+class _StageSandbox:
+    """One sandbox of a stage (or of a simulation), run on a thread of its own, with its bridge socket.
 
-    On the stage's thread, in order: the sandbox runs to its end (the container is gone) and its
+    Made before its stage begins (docs/bridge.md, "Pre-started sandboxes") or when it begins: first its
+    socket directory and a listening bridge socket (the session token is chosen with it), then, by
+    :meth:`start`, the sandbox. The agent starts and its first bridge call waits in the socket's
+    backlog until :meth:`attach` serves the stage's session; from then on the sandbox is the stage's.
+    Its answer is read as soon as the session accepted one (:meth:`answer`): the container's exit and
+    removal overlap the next stage.
+
+    On the sandbox's thread, in order: the sandbox runs to its end (the container is gone) and its
     bridge closes (the socket is gone); ``settle`` finishes what the stage's usage depends on (the
-    scope stage's simulations); the result is published (:meth:`join` returns it); ``release`` frees
-    what the stage's services held (its database; nothing can query it any more, as the session ended
-    when its output was accepted). The pipeline joins every stage before it returns, so no sandbox or
-    socket outlives the run and usage and diagnostics are complete.
+    scope stage's simulations); ``release`` frees what the stage's services held (its database; nothing
+    can query it any more). The pipeline joins every sandbox it made, used or not, before it returns,
+    so no sandbox or socket outlives the run and usage and diagnostics are complete.
     """
 
-    def __init__(
-        self,
-        stage: Stage,
-        session: StageSession,
-        *,
-        name: str,
-        settle: Callable[[], None],
-        release: Callable[[], None],
-    ):
+    def __init__(self, run: _Run, stage: Stage, *, name: str, timeout_s: int):
         self.stage = stage
-        self.session = session
         self.name = name
-        self._settle = settle
-        self._release = release
-        self._published = threading.Event()
+        self._backend = run.pipeline.backend
+        self._grace_s = run.config.stop_grace_s
+        self.stop = threading.Event()
+        self._ended = threading.Event()
+        self._lock = threading.Lock()
+        self._session: StageSession | None = None
+        self._server: BridgeServer | None = None
+        self._served_at = 0.0
+        self._settle: Callable[[], None] = lambda: None
+        self._release: Callable[[], None] = lambda: None
+        self._cancel: threading.Event | None = None
         self._result: SandboxResult | None = None
         self._error: BaseException | None = None
-
-    def serve(self, run_sandbox: Callable[[Callable[[SandboxResult], None]], object]) -> None:
-        """The thread's body; ``run_sandbox`` calls :meth:`publish` once the sandbox and bridge ended."""
+        self._started_at = 0.0
+        self._closed = threading.Event()
+        self._socket_dir = create_bridge_socket_dir(run.pipeline.socket_root())
         try:
-            run_sandbox(self.publish)
-        except BaseException as exc:
-            self._fail(exc)
-        finally:
-            try:
-                self._release()
-            except BaseException as exc:
-                self._fail(exc)
-            self._published.set()
+            self._listener = BridgeListener(self._socket_dir / "bridge.sock", run.config.bridge)
+        except BaseException:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+            raise
+        try:
+            self._spec = SandboxSpec(
+                agent=run.prepared[stage],
+                role=stage,
+                bridge_socket=self._listener.socket_path,
+                session_token=self._listener.token,
+                memory_mb=run.inputs.budgets.memory_mb,
+                timeout_s=timeout_s,
+            )
+            self._thread = threading.Thread(
+                target=self._body, name=f"stage-{name}-{run.inputs.run_id}", daemon=True
+            )
+        except BaseException:
+            self._close_socket()
+            raise
 
-    def publish(self, result: SandboxResult) -> None:
+    @property
+    def token(self) -> str:
+        return self._listener.token
+
+    def start(self) -> _StageSandbox:
+        try:
+            self._started_at = time.monotonic()
+            self._thread.start()
+        except BaseException:
+            self._close_socket()
+            raise
+        return self
+
+    def waited_s(self) -> float:
+        """How long the sandbox has been running without its stage."""
+        return time.monotonic() - self._started_at
+
+    def attach(
+        self,
+        session: StageSession,
+        *,
+        settle: Callable[[], None] = lambda: None,
+        release: Callable[[], None] = lambda: None,
+        cancel: threading.Event | None = None,
+    ) -> bool:
+        """Serve ``session`` (made with :attr:`token`) on the sandbox's socket. False, and nothing
+        served, when the sandbox has ended already: its stage needs a fresh one."""
+        with self._lock:
+            if self._ended.is_set():
+                return False
+            self._server = self._listener.serve(session)
+            self._served_at = time.monotonic()
+            self._session = session
+            self._settle, self._release, self._cancel = settle, release, cancel
+        threading.Thread(
+            target=self._stop_after_output, name=f"{self._thread.name}-watch", daemon=True
+        ).start()
+        return True
+
+    def discard(self) -> None:
+        """Stop a sandbox no stage will use (its thread winds it down; join it still)."""
+        self.stop.set()
+
+    def _body(self) -> None:
+        try:
+            self._result = self._backend.run(self._spec, stop=self.stop)
+        except BaseException as exc:
+            self._error = exc
+        with self._lock:
+            self._ended.set()
+        try:
+            self._close_socket()
+        except BaseException as exc:
+            self._error = self._error or exc
+        finally:
+            self._closed.set()
+        if self._session is None:
+            return
         try:
             self._settle()
         except BaseException as exc:
-            self._error = exc
-        self._result = result
-        self._published.set()
-
-    def _fail(self, exc: BaseException) -> None:
-        if not self._published.is_set():
-            self._error = exc
-        else:
-            # The stage's result is in; closing its bridge or database afterwards failed.
+            self._error = self._error or exc
+        try:
+            self._release()
+        except BaseException as exc:
             logger.error("stage %s of a run failed to release: %s", self.stage.value, type(exc).__name__)
+
+    def _close_socket(self) -> None:
+        try:
+            if self._server is not None:
+                self._server.close()
+            self._listener.close()
+        finally:
+            shutil.rmtree(self._socket_dir, ignore_errors=True)
+
+    def _stop_after_output(self) -> None:
+        """Stop the sandbox once the stage posted its output (after a grace to exit), or on cancel."""
+        session = self._session
+        assert session is not None
+        while not self._ended.is_set():
+            if self._cancel is not None and self._cancel.is_set():
+                self.stop.set()
+                return
+            if session.finished.wait(0.05):
+                if not self._ended.wait(self._grace_s):
+                    self.stop.set()
+                return
 
     def answer(self) -> StageOutput | None:
         """The stage's output as soon as the session accepted one; None if the sandbox ended without."""
-        while not self._published.is_set():
-            if self.session.finished.wait(_ANSWER_POLL_S) and self.session.output is not None:
-                return self.session.output
-        return self.session.output
+        session = self._session
+        assert session is not None, "answer() of a sandbox no session was attached to"
+        while not self._closed.is_set():
+            if session.finished.wait(_ANSWER_POLL_S) and session.output is not None:
+                return session.output
+        return session.output
 
-    def join(self) -> _StageRun:
-        self._published.wait()
+    def join(self) -> SandboxResult:
+        """The sandbox's result once its thread is done; the time before its stage began is not the
+        stage's (a pre-started agent only waited)."""
+        self._thread.join()
         if self._error is not None:
             raise self._error
         assert self._result is not None
-        return _StageRun(self.session, self._result)
+        result = self._result
+        if self._session is not None and self._served_at > result.started_at:
+            ended = result.started_at + result.duration_ms / 1000
+            result = result.model_copy(
+                update={
+                    "started_at": self._served_at,
+                    "duration_ms": max(0, int((ended - self._served_at) * 1000)),
+                }
+            )
+        return result
+
+    def stage_run(self) -> _StageRun:
+        result = self.join()
+        assert self._session is not None
+        return _StageRun(self._session, result)
 
 
 def stage_answer(stage: Stage, output: StageOutput | None, outcome: Outcome) -> StageOutput:
@@ -420,7 +534,9 @@ class _Run:
         self.diagnostics = inputs.workspace / "diagnostics"
         self.artifact_store: ArtifactStore | None = None
         self.simulation_runs: list[_StageRun] = []
-        self.live: list[_LiveStage] = []
+        self.live: list[_StageSandbox] = []
+        self.prestarted: dict[Stage, _StageSandbox] = {}
+        self.unused: list[_StageSandbox] = []
         self.phases = PhaseClock()
         self.scoped = self.config.scoped
 
@@ -476,6 +592,7 @@ class _Run:
         )
         self.phases.lap("images")
         self.deadline = time.monotonic() + self.inputs.budgets.timeout_s
+        self._prestart()
         policy = self._scope_stage()
         answer = self._query_stage(policy)
         final = self._mediator_stage(policy, answer) if Stage.MEDIATOR in self.prepared else answer
@@ -485,19 +602,33 @@ class _Run:
         return gated
 
     def _join_stages(self) -> BaseException | None:
-        """Wait for every stage's sandbox to end; record its diagnostics and usage. Returns the first
-        error a stage's thread raised (the sandbox could not be run or cleaned up), if any."""
+        """Wait for every sandbox of the run to end; record its diagnostics and usage. Returns the first
+        error a stage's thread raised (the sandbox could not be run or cleaned up), if any. Pre-started
+        sandboxes no stage used are stopped; what they did is kept with the diagnostics."""
+        for sandbox in self.prestarted.values():
+            sandbox.discard()
+            self.unused.append(sandbox)
+        self.prestarted.clear()
         failure: BaseException | None = None
-        for live in self.live:
+        for sandbox in self.live:
             try:
-                run = live.join()
+                run = sandbox.stage_run()
             except BaseException as exc:
                 failure = failure or exc
                 continue
-            self._record(live.stage, run, live.name)
-            extra = list(self.simulation_runs) if live.stage is Stage.SCOPE else []
-            self._account(live.stage, [run, *extra])
+            self._record(sandbox.stage, run.result, sandbox.name, run.session)
+            extra = list(self.simulation_runs) if sandbox.stage is Stage.SCOPE else []
+            self._account(sandbox.stage, [run, *extra])
+        for sandbox in self.unused:
+            try:
+                self._record(sandbox.stage, sandbox.join(), f"{sandbox.name}-unused", None)
+            except BaseException as exc:
+                # Not the run's failure: the stage ran in a fresh sandbox, or never ran.
+                logger.warning(
+                    "an unused sandbox of run %s failed: %s", self.inputs.run_id, type(exc).__name__
+                )
         self.live.clear()
+        self.unused.clear()
         self.phases.lap("teardown")
         return failure
 
@@ -604,40 +735,36 @@ class _Run:
         except BaseException as exc:
             raise _CallbackFailed(exc) from None
 
-    @contextmanager
-    def _bridge(self, session: StageSession) -> Iterator[Path]:
-        socket_dir = create_bridge_socket_dir(self.pipeline.socket_root())
-        server: BridgeServer | None = None
-        try:
-            server = BridgeServer(session, socket_dir / "bridge.sock").start()
-            yield server.socket_path
-        finally:
-            if server is not None:
-                server.close()
-            shutil.rmtree(socket_dir, ignore_errors=True)
-
-    def _session(self, stage: Stage, services: StageServices, *, simulated: bool) -> StageSession:
+    def _session(self, sandbox: _StageSandbox, services: StageServices, *, simulated: bool) -> StageSession:
         return StageSession(
             run_id=self.inputs.run_id,
-            stage=stage,
+            stage=sandbox.stage,
             services=services,
             chain=self.pipeline.chain,
             limits=self.config.bridge,
             simulated=simulated,
+            token=sandbox.token,
         )
 
+    def _prestart(self) -> None:
+        """Start every stage's sandbox now, so each stage finds its agent started and waiting for its
+        session: container start-up overlaps the data loading and the stages before it."""
+        if not self.config.prestart:
+            return
+        for stage in ORDER:
+            if stage in self.prepared:
+                timeout = self._stage_timeout(stage)
+                self.prestarted[stage] = _StageSandbox(
+                    self, stage, name=stage.value, timeout_s=timeout
+                ).start()
+
     def _sandbox(
-        self,
-        stage: Stage,
-        services: StageServices,
-        timeout_s: int,
-        *,
-        simulated: bool,
-        cancel: threading.Event | None,
+        self, stage: Stage, services: StageServices, timeout_s: int, *, cancel: threading.Event
     ) -> _StageRun:
-        """Run one sandbox to its end on the calling thread (simulations)."""
-        session = self._session(stage, services, simulated=simulated)
-        return _StageRun(session, self._run_sandbox(stage, session, timeout_s, cancel))
+        """Run one simulation's sandbox to its end on the calling thread."""
+        sandbox = _StageSandbox(self, stage, name=f"{stage.value}-simulation", timeout_s=timeout_s)
+        sandbox.attach(self._session(sandbox, services, simulated=True), cancel=cancel)
+        return sandbox.start().stage_run()
 
     def _launch(
         self,
@@ -647,100 +774,56 @@ class _Run:
         *,
         settle: Callable[[], None],
         release: Callable[[], None],
-    ) -> _LiveStage:
-        """Start a stage's sandbox on its own thread; the run joins it before it ends."""
-        session = self._session(stage, services, simulated=False)
-        live = _LiveStage(stage, session, name=stage.value, settle=settle, release=release)
-        thread = threading.Thread(
-            target=live.serve,
-            args=(lambda publish: self._run_sandbox(stage, session, timeout_s, None, publish),),
-            name=f"stage-{stage.value}-{self.inputs.run_id}",
-            daemon=True,
-        )
+    ) -> _StageSandbox:
+        """Serve the stage's session to its pre-started sandbox, or to a fresh one when there is none
+        (or it ended, or waited too long); the run joins every sandbox before it ends."""
         try:
-            thread.start()
+            sandbox = self.prestarted.pop(stage, None)
+            if sandbox is not None:
+                self.unused.append(sandbox)
+                if sandbox.waited_s() <= self.config.prestart_max_wait_s and sandbox.attach(
+                    self._session(sandbox, services, simulated=False), settle=settle, release=release
+                ):
+                    self.unused.remove(sandbox)
+                    self.live.append(sandbox)
+                    return sandbox
+                sandbox.discard()
+            sandbox = _StageSandbox(self, stage, name=stage.value, timeout_s=timeout_s)
+            sandbox.attach(self._session(sandbox, services, simulated=False), settle=settle, release=release)
+            sandbox.start()
         except BaseException:
             release()
             raise
-        self.live.append(live)
-        return live
+        self.live.append(sandbox)
+        return sandbox
 
-    def _await_answer(self, live: _LiveStage) -> StageOutput:
+    def _await_answer(self, sandbox: _StageSandbox) -> StageOutput:
         """The stage's answer as soon as it is posted (its sandbox winds down meanwhile), or RunFailed.
 
         Without a posted output the run waits for the sandbox's end: its outcome names the failure.
         """
-        output = live.answer()
-        self.phases.lap(live.stage.value)
+        output = sandbox.answer()
+        self.phases.lap(sandbox.stage.value)
         if output is None:
-            return stage_answer(live.stage, None, live.join().result.outcome)
+            return stage_answer(sandbox.stage, None, sandbox.join().outcome)
         # A posted output decides the stage whatever the sandbox's outcome (see stage_answer).
-        return stage_answer(live.stage, output, Outcome.OK)
+        return stage_answer(sandbox.stage, output, Outcome.OK)
 
-    def _run_sandbox(
-        self,
-        stage: Stage,
-        session: StageSession,
-        timeout_s: int,
-        cancel: threading.Event | None,
-        publish: Callable[[SandboxResult], None] | None = None,
-    ) -> SandboxResult:
-        """Run the sandbox to its end and close its bridge; then ``publish`` gets the result."""
-        with self._bridge(session) as socket_path:
-            spec = SandboxSpec(
-                agent=self.prepared[stage],
-                role=stage,
-                bridge_socket=socket_path,
-                session_token=session.token,
-                memory_mb=self.inputs.budgets.memory_mb,
-                timeout_s=timeout_s,
-            )
-            stop = threading.Event()
-            done = threading.Event()
-            watcher = threading.Thread(
-                target=self._stop_after_output, args=(session, stop, done, cancel), daemon=True
-            )
-            watcher.start()
-            try:
-                result = self.pipeline.backend.run(spec, stop=stop)
-            finally:
-                done.set()
-                watcher.join()
-        if publish is not None:
-            publish(result)
-        return result
-
-    def _stop_after_output(
-        self,
-        session: StageSession,
-        stop: threading.Event,
-        done: threading.Event,
-        cancel: threading.Event | None,
-    ) -> None:
-        """Stop the sandbox once the stage posted its output (after a grace to exit), or on ``cancel``."""
-        while not done.is_set():
-            if cancel is not None and cancel.is_set():
-                stop.set()
-                return
-            if session.finished.wait(0.05):
-                if not done.wait(self.config.stop_grace_s):
-                    stop.set()
-                return
-
-    def _record(self, stage: Stage, run: _StageRun, name: str) -> None:
-        """Keep the stage's logs, output and failure text with the run's diagnostics (inside the TEE)."""
-        output = run.session.output
+    def _record(self, stage: Stage, result: SandboxResult, name: str, session: StageSession | None) -> None:
+        """Keep the sandbox's logs, output and failure text with the run's diagnostics (inside the TEE);
+        ``session`` is None for a pre-started sandbox no stage used."""
+        output = session.output if session is not None else None
         record = {
             "stage": stage.value,
-            "outcome": run.result.outcome.value,
-            "exit_code": run.result.exit_code,
-            "duration_ms": run.result.duration_ms,
-            "logs": run.session.logs,
+            "outcome": result.outcome.value,
+            "exit_code": result.exit_code,
+            "duration_ms": result.duration_ms,
+            "logs": session.logs if session is not None else [],
             "failure": None
             if output is None or not output.failed
             else {"code": output.error_code, "message": output.error_message},
-            "stdout": run.result.stdout.decode("utf-8", "replace"),
-            "stderr": run.result.stderr.decode("utf-8", "replace"),
+            "stdout": result.stdout.decode("utf-8", "replace"),
+            "stderr": result.stderr.decode("utf-8", "replace"),
         }
         try:
             self.diagnostics.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -883,9 +966,7 @@ class _Run:
         except BaseException:
             database.close()
             raise
-        live = self._launch(
-            Stage.SCOPE, services, timeout, settle=drain_simulations, release=database.close
-        )
+        live = self._launch(Stage.SCOPE, services, timeout, settle=drain_simulations, release=database.close)
         try:
             output = self._await_answer(live)
         finally:
@@ -943,8 +1024,8 @@ class _Run:
             services = replace(
                 services, artifacts=artifacts if services.artifacts_allowed else None, bill_to=Stage.SCOPE
             )
-            run = self._sandbox(Stage.QUERY, services, timeout, simulated=True, cancel=scope_finished)
-        self._record(Stage.QUERY, run, f"scope-simulation-{number}")
+            run = self._sandbox(Stage.QUERY, services, timeout, cancel=scope_finished)
+        self._record(Stage.QUERY, run.result, f"scope-simulation-{number}", run.session)
         with self.simulation_state:
             self.simulation_runs.append(run)
         return self._simulation_answer(run)

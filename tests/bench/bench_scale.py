@@ -277,8 +277,7 @@ def report(results: dict[int, list[Sample]]) -> tuple[str, list[str], bool]:
     text = (
         "**Figure 4. Scaling by dataset size: upload, runner decrypt and load, peak memory** (each cell "
         f"min / median / max over {len(next(iter(results.values())))} repeats; every repeat a new room and "
-        "a new upload).\n\n"
-        + markdown_table(header, rows)
+        "a new upload).\n\n" + markdown_table(header, rows)
     )
     return text, summaries, bounded
 
@@ -317,7 +316,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_doc:
         replace_section("scale", document)
     return 0 if bounded else 1
-
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import json
 import socket
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from hivemind_agent.errors import BudgetExhausted, Denied, InvalidRequest, NotAl
 from hivemind_runner.bridge import (
     ArtifactStore,
     BridgeLimits,
+    BridgeListener,
     BridgeServer,
     SimulationLimit,
     StageServices,
@@ -629,3 +631,101 @@ def test_simulator_errors_map_to_contract_codes() -> None:
         500,
         {"error": "internal_error", "message": "the bridge failed to handle the request"},
     )
+
+
+# --- a socket bound before its session exists (pre-started sandboxes) -----------------------------------
+
+
+def _mediator_services() -> StageServices:
+    return StageServices(input_document=input_document(Stage.MEDIATOR, answer="42"))
+
+
+def _session_for(listener: BridgeListener, services: StageServices) -> StageSession:
+    return StageSession(
+        run_id="run_test1",
+        stage=Stage.MEDIATOR,
+        services=services,
+        chain=tool_call_chain(max_tool_calls=1000, max_log_lines=3),
+        token=listener.token,
+    )
+
+
+def test_a_call_made_before_the_session_exists_is_answered_once_it_is_served(tmp_path: Path) -> None:
+    listener = BridgeListener(tmp_path / "early.sock", BridgeLimits())
+    answers: list[Any] = []
+    agent = threading.Thread(
+        target=lambda: answers.append(Bridge(str(listener.socket_path), listener.token, "mediator").input())
+    )
+    agent.start()
+    agent.join(0.5)
+    assert agent.is_alive() and answers == []  # the agent's first call waits: nothing serves it yet
+    server = listener.serve(_session_for(listener, _mediator_services()))
+    try:
+        agent.join(10)
+        assert [answer.stage["answer"] for answer in answers] == ["42"]
+    finally:
+        server.close()
+    assert not listener.socket_path.exists()
+
+
+def test_a_listener_serves_one_session_made_with_its_token(tmp_path: Path) -> None:
+    listener = BridgeListener(tmp_path / "once.sock", BridgeLimits())
+    stranger = StageSession(
+        run_id="run_test1",
+        stage=Stage.MEDIATOR,
+        services=_mediator_services(),
+        chain=tool_call_chain(max_tool_calls=1000, max_log_lines=3),
+    )
+    with pytest.raises(ValueError, match="this listener's token"):
+        listener.serve(stranger)
+    narrower = StageSession(
+        run_id="run_test1",
+        stage=Stage.MEDIATOR,
+        services=_mediator_services(),
+        chain=tool_call_chain(max_tool_calls=1000, max_log_lines=3),
+        limits=BridgeLimits(max_connections=1),
+        token=listener.token,
+    )
+    with pytest.raises(ValueError, match="connection limit"):
+        listener.serve(narrower)
+    server = listener.serve(_session_for(listener, _mediator_services()))
+    try:
+        with pytest.raises(RuntimeError, match="already served or closed"):
+            listener.serve(_session_for(listener, _mediator_services()))
+    finally:
+        server.close()
+
+
+def test_closing_an_unserved_listener_drops_waiting_calls_and_removes_the_socket(tmp_path: Path) -> None:
+    listener = BridgeListener(tmp_path / "dropped.sock", BridgeLimits())
+    errors: list[Exception] = []
+
+    def call() -> None:
+        try:
+            Bridge(str(listener.socket_path), listener.token, "mediator", timeout=30).input()
+        except Exception as exc:
+            errors.append(exc)
+
+    agent = threading.Thread(target=call)
+    agent.start()
+    agent.join(0.3)
+    listener.close()
+    agent.join(10)
+    assert not agent.is_alive()
+    assert [type(error).__name__ for error in errors] == ["BridgeUnavailable"]
+    assert not listener.socket_path.exists()
+    listener.close()  # twice is fine
+    with pytest.raises(RuntimeError, match="already served or closed"):
+        listener.serve(_session_for(listener, _mediator_services()))
+
+
+@pytest.mark.parametrize("token", ["", "short", "x" * 42 + " ", "é" * 43])
+def test_a_session_token_must_look_like_one_the_runner_makes(token: str) -> None:
+    with pytest.raises(ValueError, match="session token"):
+        StageSession(
+            run_id="run_test1",
+            stage=Stage.MEDIATOR,
+            services=_mediator_services(),
+            chain=tool_call_chain(max_tool_calls=1000, max_log_lines=3),
+            token=token,
+        )

@@ -13,6 +13,7 @@ import json
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,7 @@ from hivemind_runner.pipeline import (
     StageAgent,
 )
 from hivemind_runner.sandbox import SandboxBackend
+from hivemind_runner.sandbox.docker_backend import LABEL_SANDBOX, DockerBackend
 
 pytestmark = pytest.mark.slow
 
@@ -177,6 +179,7 @@ class Runner:
         self.workspace = workspace
         self.config = PipelineConfig(socket_root=socket_root)
         self.stages: list[Stage] = []
+        self.began: dict[Stage, float] = {}  # wall-clock time at which each stage began
 
     def __call__(
         self,
@@ -207,7 +210,17 @@ class Runner:
             payer_tenant_id="tn_payer1",
         )
         self.stages = []
-        return pipeline.run(inputs, self.stages.append)
+        self.began = {}
+
+        def on_stage(stage: Stage) -> None:
+            self.stages.append(stage)
+            self.began[stage] = time.time()
+
+        return pipeline.run(inputs, on_stage)
+
+    def unused(self) -> list[str]:
+        """The pre-started sandboxes no stage used, by name."""
+        return sorted(path.stem for path in (self.workspace / "diagnostics").glob("*-unused.json"))
 
     def diagnostics(self, name: str) -> dict[str, Any]:
         return json.loads((self.workspace / "diagnostics" / f"{name}.json").read_text())
@@ -434,3 +447,57 @@ def test_agents_that_do_not_match_the_manifest_are_refused(run: Runner) -> None:
     )
     result = run(manifest, swapped, PROMPT_AVERAGE)
     assert (result.ok, result.error_code, run.stages) == (False, "agent_mismatch", [])
+
+
+# --- pre-started sandboxes ------------------------------------------------------------------------------
+
+
+def _query_started(result: PipelineResult) -> float:
+    assert result.ok, result.error_code
+    return float(json.loads(result.output or b"")["started"])
+
+
+@pytest.mark.parametrize("prestart", [True, False])
+def test_each_stage_finds_its_agent_already_started(run: Runner, prestart: bool) -> None:
+    run.config = run.config.model_copy(update={"prestart": prestart})
+    manifest, agents = room(scope="slow-scope", query="timed-query", mediator=None)
+    result = run(manifest, agents, PROMPT_AVERAGE)
+    started, began = _query_started(result), run.began[Stage.QUERY]
+    if prestart:
+        # Started with the run: it waited through the scope stage's 1.5 s, and that wait is not its time.
+        assert started < began - 1.0
+        assert result.usage[1].duration_ms < 1000
+    else:
+        assert started > began
+    assert run.unused() == []
+
+
+def test_an_agent_that_gave_up_waiting_for_its_stage_is_started_again(run: Runner) -> None:
+    manifest, agents = room(scope="slow-scope", query="impatient-query", mediator=None)
+    result = run(manifest, agents, PROMPT_AVERAGE)
+    assert _query_started(result) > run.began[Stage.QUERY]
+    assert run.unused() == ["query-unused"]
+    assert run.diagnostics("query-unused")["outcome"] == "failed"  # its first call timed out unanswered
+
+
+def test_a_sandbox_that_waited_longer_than_allowed_is_replaced(run: Runner) -> None:
+    run.config = run.config.model_copy(update={"prestart_max_wait_s": 1.0})
+    manifest, agents = room(scope="slow-scope", query="timed-query", mediator=None)
+    result = run(manifest, agents, PROMPT_AVERAGE)
+    assert _query_started(result) > run.began[Stage.QUERY]
+    assert run.unused() == ["query-unused"]
+    assert run.diagnostics("query-unused")["outcome"] == "stopped"
+
+
+def test_sandboxes_of_stages_that_never_run_are_stopped(run: Runner) -> None:
+    manifest, agents = room(scope="crashing-scope")
+    result = run(manifest, agents, PROMPT_AVERAGE)
+    assert (result.ok, result.error_code) == (False, "scope_failed")
+    assert run.unused() == ["mediator-unused", "query-unused"]
+    for name in run.unused():
+        unused = run.diagnostics(name)
+        # Stopped while its first call waited: it never saw a session, an input or a byte of data.
+        assert (unused["outcome"], unused["logs"]) == ("stopped", [])
+    assert [usage.stage for usage in result.usage] == [Stage.SCOPE]
+    if isinstance(run.backend, DockerBackend):
+        assert run.backend._client().containers.list(all=True, filters={"label": LABEL_SANDBOX}) == []

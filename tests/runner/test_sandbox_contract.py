@@ -89,6 +89,7 @@ def test_prepared_agent_and_result_are_strict() -> None:
     result = SandboxResult(
         outcome=Outcome.OK,
         exit_code=0,
+        started_at=0.0,
         duration_ms=5,
         stdout=b"room data",
         stderr=b"",

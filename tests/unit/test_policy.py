@@ -6,6 +6,8 @@ from __future__ import annotations
 import copy
 import json
 import sqlite3
+import subprocess
+import sys
 from typing import Any
 
 import pytest
@@ -92,7 +94,7 @@ def test_omitted_sections_take_the_most_restrictive_values() -> None:
         ("visits.city = 'x'", "visits.city is qualified"),
         ("Name = 'bob'", "column 'Name' is not a normalized name"),
         ("\"e-mail\" = 'x'", "column 'e-mail' is not a normalized name"),
-        ("\"" + "x" * 65 + "\" = 1", "at most 64 characters"),
+        ('"' + "x" * 65 + '" = 1', "at most 64 characters"),
         ("age = 1; DROP TABLE patients", "semicolon"),
         ("age = 1 -- trailing", "comment"),
         ("age = /* hidden */ 1", "comment"),
@@ -421,3 +423,22 @@ def test_visible_schema_lists_tables_and_columns_only() -> None:
         "visits": ["city", "cost"],
     }
     assert visible_schema(parse_policy({})) == {}
+
+
+def test_the_sql_parser_is_loaded_only_for_the_first_row_filter() -> None:
+    # hivemind.policy is imported by every Lambda handler and by hmctl; sqlglot costs about 100 ms of
+    # import, so it must load only when a policy with a row filter is checked.
+    code = """
+import sys
+from hivemind.policy import parse_policy
+parse_policy({"tables": {"t": {"columns": ["a"]}}})
+assert "sqlglot" not in sys.modules, "sqlglot imported without a row filter"
+policy = parse_policy({"tables": {"t": {"columns": ["a"], "where": "b >= 18 AND (c = 'x')"}}})
+assert "sqlglot" in sys.modules
+print(policy.tables["t"].where_sql())
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == '"b" >= 18 AND ("c" = \'x\')'

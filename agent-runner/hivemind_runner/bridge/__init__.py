@@ -3,7 +3,9 @@
 - :class:`StageSession`: one stage's token, grants, wiring and result; every operation passes the
   admission chain of :mod:`hivemind_runner.bridge.grants`;
 - :class:`BridgeServer`: HTTP/1.1 on the stage's Unix socket, with the REST routes of docs/agents.md
-  and MCP (streamable HTTP, ``POST /mcp``) exposing the same tools.
+  and MCP (streamable HTTP, ``POST /mcp``) exposing the same tools;
+- :class:`BridgeListener`: a stage's socket bound before its session exists, so its sandbox can start
+  early (its first call waits until the session is served).
 
 docs/bridge.md describes the internals.
 """
@@ -18,7 +20,7 @@ from hivemind_runner.bridge.errors import (
 )
 from hivemind_runner.bridge.grants import GRANTS, Tool, ToolCall, tool_call_chain
 from hivemind_runner.bridge.mcp import McpEndpoint
-from hivemind_runner.bridge.server import BridgeServer
+from hivemind_runner.bridge.server import BridgeListener, BridgeServer
 from hivemind_runner.bridge.session import (
     ArtifactStore,
     BridgeLimits,
@@ -28,6 +30,7 @@ from hivemind_runner.bridge.session import (
     StageServices,
     StageSession,
     StoredArtifact,
+    new_session_token,
     room_policy_checker,
 )
 
@@ -36,6 +39,7 @@ __all__ = [
     "ArtifactExists",
     "ArtifactStore",
     "BridgeLimits",
+    "BridgeListener",
     "BridgeServer",
     "InvalidRequest",
     "McpEndpoint",
@@ -50,6 +54,7 @@ __all__ = [
     "StoredArtifact",
     "Tool",
     "ToolCall",
+    "new_session_token",
     "room_policy_checker",
     "tool_call_chain",
     "wire_error",

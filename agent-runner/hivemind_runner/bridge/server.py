@@ -26,7 +26,7 @@ from urllib.parse import unquote, urlsplit
 from hivemind.errors import NotFound, PayloadTooLarge, Unauthenticated
 from hivemind_runner.bridge.errors import InvalidRequest, MethodNotAllowed, wire_error
 from hivemind_runner.bridge.mcp import McpEndpoint
-from hivemind_runner.bridge.session import StageSession, parse_json_object
+from hivemind_runner.bridge.session import BridgeLimits, StageSession, new_session_token, parse_json_object
 
 logger = logging.getLogger(__name__)
 
@@ -45,10 +45,13 @@ Route = Callable[["_Handler", str], tuple[int, dict[str, Any] | None, dict[str, 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
+    # Connections made before the session is served wait here (the agent's first call blocks meanwhile).
+    request_queue_size = 16
+    bridge: BridgeServer  # set when serving starts; no handler runs before
 
-    def __init__(self, path: str, bridge: BridgeServer):
-        self.bridge = bridge
-        self._slots = threading.BoundedSemaphore(bridge.session.limits.max_connections)
+    def __init__(self, path: str, max_connections: int):
+        self.max_connections = max_connections
+        self._slots = threading.BoundedSemaphore(max_connections)
         super().__init__(path, _Handler)
 
     def process_request(self, request: Any, client_address: Any) -> None:
@@ -334,17 +337,34 @@ def _resolve(method: str, path: str) -> Route:
 # --- the server -------------------------------------------------------------------------------------------
 
 
+def _check_socket_path(socket_path: Path) -> None:
+    if len(os.fsencode(socket_path)) > MAX_SOCKET_PATH_BYTES:
+        raise ValueError(f"the socket path is longer than {MAX_SOCKET_PATH_BYTES} bytes: {socket_path}")
+
+
+def _bind(socket_path: Path, max_connections: int) -> _Server:
+    """Bind and listen on ``socket_path`` (which must not exist); any uid may connect."""
+    server = _Server(os.fspath(socket_path), max_connections)
+    try:
+        # Any uid may connect: the socket's 0700 directory is the gate (docs/agents.md).
+        os.chmod(socket_path, 0o666)  # noqa: S103
+    except OSError:
+        server.server_close()
+        raise
+    return server
+
+
 class BridgeServer:
     """Serves one :class:`StageSession` on a Unix socket until :meth:`close`.
 
     ``socket_path`` must not exist and its directory should be reachable only by the runner and the
     agent's uid (docs/agents.md, "The sandbox"); the socket itself is made connectable by any uid
-    (mode 0666) because the directory is the gate.
+    (mode 0666) because the directory is the gate. A socket bound before its session existed is served
+    with :meth:`BridgeListener.serve`.
     """
 
     def __init__(self, session: StageSession, socket_path: Path):
-        if len(os.fsencode(socket_path)) > MAX_SOCKET_PATH_BYTES:
-            raise ValueError(f"the socket path is longer than {MAX_SOCKET_PATH_BYTES} bytes: {socket_path}")
+        _check_socket_path(socket_path)
         self.session = session
         self.socket_path = socket_path
         self.mcp = McpEndpoint(session)
@@ -352,13 +372,10 @@ class BridgeServer:
         self._thread: threading.Thread | None = None
 
     def start(self) -> BridgeServer:
-        server = _Server(os.fspath(self.socket_path), self)
-        try:
-            # Any uid may connect: the socket's 0700 directory is the gate (docs/agents.md).
-            os.chmod(self.socket_path, 0o666)  # noqa: S103
-        except OSError:
-            server.server_close()
-            raise
+        return self._serve(_bind(self.socket_path, self.session.limits.max_connections))
+
+    def _serve(self, server: _Server) -> BridgeServer:
+        server.bridge = self
         self._server = server
         # A short poll interval: shutdown waits for it, and the last stage's shutdown is on the ask's path.
         self._thread = threading.Thread(
@@ -386,3 +403,46 @@ class BridgeServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class BridgeListener:
+    """A stage's bridge socket, bound and listening before the stage's session exists.
+
+    A sandbox can start against it at once (docs/bridge.md, "Pre-started sandboxes"): the kernel
+    accepts the agent's connections into the socket's backlog and nothing reads them, so the agent's
+    first call waits until :meth:`serve` attaches the session. The session token the sandbox is given
+    is chosen here; the session must be made with it (``StageSession(token=listener.token)``).
+    """
+
+    def __init__(self, socket_path: Path, limits: BridgeLimits):
+        _check_socket_path(socket_path)
+        self.socket_path = socket_path
+        self.token = new_session_token()
+        self._lock = threading.Lock()
+        self._server: _Server | None = _bind(socket_path, limits.max_connections)
+
+    def serve(self, session: StageSession) -> BridgeServer:
+        """Serve ``session`` on this socket; the returned server closes it. Once only, and never after
+        :meth:`close`."""
+        if not session.authenticates(self.token):
+            raise ValueError("the session was not made with this listener's token")
+        with self._lock:
+            if self._server is None:
+                raise RuntimeError("this bridge socket was already served or closed")
+            if session.limits.max_connections != self._server.max_connections:
+                raise ValueError("the session's connection limit differs from the listener's")
+            server, self._server = self._server, None
+        return BridgeServer(session, self.socket_path)._serve(server)
+
+    def close(self) -> None:
+        """Close the socket if it was never served (connections waiting in it are dropped). Safe to
+        call twice, and after :meth:`serve` (the server owns the socket then)."""
+        with self._lock:
+            server, self._server = self._server, None
+        if server is None:
+            return
+        server.server_close()
+        try:
+            self.socket_path.unlink()
+        except FileNotFoundError:
+            pass

@@ -243,6 +243,13 @@ def _policy_object(body: Mapping[str, Any], key: str, where: str) -> dict[str, A
 
 # --- the session ---------------------------------------------------------------------------------------
 
+SESSION_TOKEN = re.compile(r"[A-Za-z0-9_-]{43}")
+
+
+def new_session_token() -> str:
+    """A fresh session token: 256 random bits, URL-safe base64 (what a sandbox gets in HIVEMIND_SESSION)."""
+    return secrets.token_urlsafe(32)
+
 
 class StageSession:
     """The bridge state of one stage of one run. Thread-safe; every operation admits itself first."""
@@ -256,14 +263,17 @@ class StageSession:
         chain: AdmissionChain[ToolCall],
         limits: BridgeLimits | None = None,
         simulated: bool = False,
+        token: str | None = None,
     ):
+        if token is not None and not SESSION_TOKEN.fullmatch(token):
+            raise ValueError("a session token is 43 URL-safe base64 characters (new_session_token())")
         self.run_id = run_id
         self.stage = stage
         self.simulated = simulated
         self.services = services
         self.limits = limits or BridgeLimits()
         self._chain = chain
-        self._token = secrets.token_urlsafe(32)
+        self._token = token or new_session_token()
         self._lock = threading.Lock()
         self._output: StageOutput | None = None
         self._closed = False

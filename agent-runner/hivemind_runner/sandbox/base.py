@@ -182,7 +182,8 @@ class SandboxResult(StrictModel):
 
     outcome: Outcome
     exit_code: int | None = Field(description="as the container's init reports it; 128+n for signal n")
-    duration_ms: int = Field(ge=0)
+    started_at: float = Field(description="the runner's time.monotonic() when the sandbox started")
+    duration_ms: int = Field(ge=0, description="from started_at to the sandbox's end")
     stdout: bytes = Field(repr=False)
     stderr: bytes = Field(repr=False)
     backend: str

@@ -308,6 +308,7 @@ class DockerBackend:
         return SandboxResult(
             outcome=classify(exit_code, killed_for=killed_for, oom=bool(state.get("OOMKilled"))),
             exit_code=exit_code,
+            started_at=started,
             duration_ms=int((ended - started) * 1000),
             stdout=bytes(capture.stdout),
             stderr=bytes(capture.stderr),

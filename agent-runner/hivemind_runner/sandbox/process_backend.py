@@ -682,6 +682,7 @@ class ProcessBackend:
         return SandboxResult(
             outcome=classify(exit_code, killed_for=killed_for, oom=oom),
             exit_code=exit_code,
+            started_at=started,
             duration_ms=int((ended - started) * 1000),
             stdout=bytes(capture.stdout),
             stderr=bytes(capture.stderr),

@@ -5,9 +5,10 @@ optional row filter per table written in a small SQL predicate grammar, aggregat
 which document items pass and what is redacted from them, and deny/redact patterns for the output.
 
 Everything a policy carries is checked when it is parsed: identifiers are normalized names, row
-filters parse with sqlglot into an allow-listed predicate grammar that can reference only bare column
-names of their own table (listed or hidden: the runner filters before it projects), and regexes
-compile, are short, and avoid backtracking constructs that are cheap to recognise as catastrophic.
+filters parse into an allow-listed predicate grammar (:mod:`hivemind.predicates`) that can
+reference only bare column names of their own table (listed or hidden: the runner filters before it
+projects), and regexes compile, are short, and avoid backtracking constructs that are cheap to
+recognise as catastrophic.
 :func:`parse_policy` is the boundary: it turns any failure into :class:`hivemind.errors.InvalidPolicy`
 with the JSON path of the offending value. :func:`check_policy` is the whole verdict on a candidate
 (valid for the data, widenings, :func:`intersect` with the room's bound): the runner answers the
@@ -25,9 +26,8 @@ import re._constants as sre_constants  # the stdlib's regex parser: used to insp
 import re._parser as sre_parser
 from collections.abc import Iterable, Mapping, Sequence
 from enum import StrEnum
-from typing import Annotated, Any, Literal, Self
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Self
 
-import sqlglot
 from pydantic import (
     Discriminator,
     Field,
@@ -38,23 +38,19 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from sqlglot import exp
-from sqlglot.errors import SqlglotError
-from sqlglot.tokens import TokenType
 
 from hivemind.canonical import canonical_sha256
 from hivemind.errors import InvalidPolicy
 from hivemind.models import Identifier, StrictModel
+
+if TYPE_CHECKING:
+    from hivemind.predicates import RowFilter
 
 # --- limits --------------------------------------------------------------------------------------
 
 MAX_NAME_LENGTH = 64
 MAX_TABLES = 256
 MAX_COLUMNS = 1024
-MAX_PREDICATE_LENGTH = 4096
-MAX_PREDICATE_NODES = 256
-MAX_PREDICATE_DEPTH = 16
-MAX_PREFIX_RUN = 4
 MAX_PATTERN_LENGTH = 256
 MAX_PATTERNS = 64
 MAX_ITEM_RULES = 4096
@@ -181,201 +177,6 @@ def redact_text(text: str, patterns: Iterable[str]) -> str:
     return text
 
 
-# --- row-filter predicates -----------------------------------------------------------------------
-
-_COMPARISONS: tuple[type[exp.Expression], ...] = (exp.EQ, exp.NEQ, exp.GT, exp.GTE, exp.LT, exp.LTE)
-# Argument keys each node type may carry. A key sqlglot sets that is not listed here means syntax
-# this grammar does not know, and is refused rather than ignored.
-_ALLOWED_ARGS: dict[type[exp.Expression], frozenset[str]] = {
-    exp.And: frozenset({"this", "expression"}),
-    exp.Or: frozenset({"this", "expression"}),
-    exp.Not: frozenset({"this"}),
-    exp.Paren: frozenset({"this"}),
-    exp.In: frozenset({"this", "expressions"}),
-    exp.Between: frozenset({"this", "low", "high"}),
-    exp.Like: frozenset({"this", "expression", "negate"}),
-    exp.Is: frozenset({"this", "expression", "negate"}),
-    exp.Column: frozenset({"this"}),
-    exp.Identifier: frozenset({"this", "quoted"}),
-    exp.Literal: frozenset({"this", "is_string"}),
-    exp.Null: frozenset(),
-    exp.Boolean: frozenset({"this"}),
-    exp.Neg: frozenset({"this"}),
-    **{comparison: frozenset({"this", "expression"}) for comparison in _COMPARISONS},
-}
-
-
-def _describe(node: exp.Expression) -> str:
-    return f"{node.key.upper()} ({node.sql(dialect='sqlite')[:60]})"
-
-
-_COLUMN_NAME = re.compile(rf"[a-z0-9_]{{1,{MAX_NAME_LENGTH}}}")
-
-
-class _PredicateChecker:
-    """Walks a parsed predicate and refuses anything outside the grammar in docs/policy.md.
-
-    It records the column names the predicate references; whether they exist is a question about
-    the room's data, answered by :func:`check_against_schema`.
-    """
-
-    def __init__(self) -> None:
-        self.columns: set[str] = set()
-
-    def _args(self, node: exp.Expression) -> None:
-        allowed = _ALLOWED_ARGS.get(type(node))
-        if allowed is None:
-            raise ValueError(self._unsupported(node))
-        extra = sorted(
-            key for key, value in node.args.items() if value not in (None, False, []) and key not in allowed
-        )
-        if extra:
-            if node.find(exp.Query) is not None:
-                raise ValueError(f"subqueries are not allowed: {_describe(node)}")
-            raise ValueError(f"{_describe(node)} uses unsupported syntax ({', '.join(extra)})")
-
-    def _unsupported(self, node: exp.Expression) -> str:
-        if isinstance(node, exp.Query) or node.find(exp.Query) is not None:
-            return f"subqueries are not allowed: {_describe(node)}"
-        if isinstance(node, exp.Func):
-            return f"function calls are not allowed: {_describe(node)}"
-        return f"{_describe(node)} is not allowed in a row filter"
-
-    def predicate(self, node: exp.Expression) -> None:
-        self._args(node)
-        if isinstance(node, exp.Paren | exp.Not):
-            self.predicate(node.this)
-        elif isinstance(node, exp.And | exp.Or):
-            self.predicate(node.this)
-            self.predicate(node.expression)
-        elif isinstance(node, _COMPARISONS):
-            self.value(node.this)
-            self.value(node.expression)
-        elif isinstance(node, exp.In):
-            self.value(node.this)
-            options = node.expressions
-            if not options:
-                raise ValueError("IN needs a non-empty list of literals")
-            for option in options:
-                self.literal(option)
-        elif isinstance(node, exp.Between):
-            self.value(node.this)
-            self.value(node.args["low"])
-            self.value(node.args["high"])
-        elif isinstance(node, exp.Like):
-            self.value(node.this)
-            self.value(node.expression)
-        elif isinstance(node, exp.Is):
-            self.value(node.this)
-            if not isinstance(node.expression, exp.Null):
-                raise ValueError(f"only IS NULL and IS NOT NULL are allowed: {_describe(node)}")
-        elif isinstance(node, exp.Boolean):
-            return
-        else:
-            raise ValueError(f"{_describe(node)} is not a condition")
-
-    def value(self, node: exp.Expression) -> None:
-        if isinstance(node, exp.Column):
-            self.column(node)
-        else:
-            self.literal(node)
-
-    def literal(self, node: exp.Expression) -> None:
-        self._args(node)
-        if isinstance(node, exp.Neg):
-            inner = node.this
-            if not (isinstance(inner, exp.Literal) and not inner.is_string):
-                raise ValueError(f"only numbers may be negated: {_describe(node)}")
-            self._args(inner)
-        elif isinstance(node, exp.Column):
-            raise ValueError(f"only literals are allowed here, not the column {node.sql(dialect='sqlite')}")
-        elif not isinstance(node, exp.Literal | exp.Null | exp.Boolean):
-            raise ValueError(self._unsupported(node))
-
-    def column(self, node: exp.Column) -> None:
-        qualifiers = [
-            part for part in (node.args.get("table"), node.args.get("db"), node.args.get("catalog")) if part
-        ]
-        if qualifiers:
-            raise ValueError(
-                f"column reference {node.sql(dialect='sqlite')} is qualified; write bare column names of "
-                "this table (other tables cannot be referenced)"
-            )
-        self._args(node)
-        identifier = node.this
-        if not isinstance(identifier, exp.Identifier):
-            raise ValueError(f"{_describe(node)} is not a plain column reference")
-        self._args(identifier)
-        if not _COLUMN_NAME.fullmatch(identifier.name):
-            raise ValueError(
-                f"column {identifier.name!r} is not a normalized name: columns are lowercase ASCII "
-                f"letters, digits and underscores, at most {MAX_NAME_LENGTH} characters"
-            )
-        self.columns.add(identifier.name)
-
-
-_PREFIX_OPERATORS = frozenset({TokenType.NOT, TokenType.DASH, TokenType.PLUS, TokenType.TILDE})
-
-
-def _parse_error_text(exc: SqlglotError) -> str:
-    errors = getattr(exc, "errors", None)
-    if errors:
-        first = errors[0]
-        return f"{first.get('description')} near {first.get('highlight')!r} (column {first.get('col')})"
-    return str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-
-
-def _parse_predicate(where: str) -> tuple[exp.Expression, frozenset[str]]:
-    """The checked syntax tree of a row filter and the column names it references."""
-    if not where.strip():
-        raise ValueError("empty row filter (use null for no filter)")
-    if len(where) > MAX_PREDICATE_LENGTH:
-        raise ValueError(f"row filter longer than {MAX_PREDICATE_LENGTH} characters")
-    try:
-        tokens = sqlglot.tokenize(where, read="sqlite")
-    except SqlglotError as exc:
-        raise ValueError(f"row filter does not tokenize: {_parse_error_text(exc)}") from None
-    # The parser recurses per parenthesis and per prefix operator: bounding both keeps it far from
-    # the interpreter's stack limit.
-    depth = prefix_run = 0
-    for token in tokens:
-        if token.token_type is TokenType.SEMICOLON:
-            raise ValueError("row filter holds a semicolon: exactly one predicate, no statements")
-        if token.comments:
-            raise ValueError("row filter holds a comment: comments are not allowed")
-        depth += {TokenType.L_PAREN: 1, TokenType.R_PAREN: -1}.get(token.token_type, 0)
-        if depth > MAX_PREDICATE_DEPTH:
-            raise ValueError(f"row filter nests parentheses deeper than {MAX_PREDICATE_DEPTH}")
-        prefix_run = prefix_run + 1 if token.token_type in _PREFIX_OPERATORS else 0
-        if prefix_run > MAX_PREFIX_RUN:
-            raise ValueError(f"row filter chains more than {MAX_PREFIX_RUN} prefix operators")
-    try:
-        tree = sqlglot.parse_one(where, read="sqlite", into=exp.Condition)
-    except SqlglotError as exc:
-        raise ValueError(f"row filter is not one SQL predicate: {_parse_error_text(exc)}") from None
-    except RecursionError:
-        raise ValueError("row filter is nested too deeply") from None
-    if sum(1 for _ in tree.walk()) > MAX_PREDICATE_NODES:
-        raise ValueError(f"row filter has more than {MAX_PREDICATE_NODES} syntax nodes")
-    checker = _PredicateChecker()
-    checker.predicate(tree)
-    return tree, frozenset(checker.columns)
-
-
-def _normalized_sql(tree: exp.Expression) -> str:
-    # Every identifier quoted: one spelling per predicate, and column names that are SQL keywords work.
-    return tree.sql(dialect="sqlite", identify=True)
-
-
-def _conjuncts(tree: exp.Expression) -> list[exp.Expression]:
-    """The top-level AND operands of a predicate, looking through parentheses."""
-    while isinstance(tree, exp.Paren):
-        tree = tree.this
-    if isinstance(tree, exp.And):
-        return _conjuncts(tree.this) + _conjuncts(tree.expression)
-    return [tree]
-
-
 # --- the model -----------------------------------------------------------------------------------
 
 
@@ -399,7 +200,7 @@ class TablePolicy(StrictModel):
     @classmethod
     def _restricted_predicate(cls, where: str | None) -> str | None:
         if where is not None:
-            _parse_predicate(where)
+            _row_filter(where)
         return where
 
     def where_sql(self) -> str | None:
@@ -408,22 +209,23 @@ class TablePolicy(StrictModel):
         The runner filters with this text, not the raw string, so what SQLite executes is exactly
         what the grammar check saw.
         """
-        if self.where is None:
-            return None
-        return _normalized_sql(_parse_predicate(self.where)[0])
+        return None if self.where is None else _row_filter(self.where).sql
 
     def where_columns(self) -> frozenset[str]:
         """Every column name the row filter references (empty without a filter); some may be hidden."""
-        if self.where is None:
-            return frozenset()
-        return _parse_predicate(self.where)[1]
+        return frozenset() if self.where is None else _row_filter(self.where).columns
 
     def where_conjuncts(self) -> frozenset[str]:
         """Normalized SQL of each top-level AND operand of the row filter (empty without a filter)."""
-        if self.where is None:
-            return frozenset()
-        tree = _parse_predicate(self.where)[0]
-        return frozenset(_normalized_sql(part) for part in _conjuncts(tree))
+        return frozenset() if self.where is None else _row_filter(self.where).conjuncts
+
+
+def _row_filter(where: str) -> RowFilter:
+    # Imported on first use: the grammar needs sqlglot, about 100 ms of import that a Lambda handler
+    # or an hmctl command without row filters never pays.
+    from hivemind.predicates import check_row_filter  # noqa: PLC0415
+
+    return check_row_filter(where)
 
 
 class AggregatePolicy(StrictModel):
