@@ -31,14 +31,11 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import boto3
 import httpx
 
 from hivemind.keys import auth_hash, auth_token
-from hivemind.store import AwsClients, StoreConfig
-from hivemind.store.bootstrap import create_all
-from hivemind.store.schema import QueueRole, TableRole
 from hivemind.tokens import Secret, TokenKind
 from hmctl.devstack import environment, processes
 from hmctl.devstack.processes import ProcessRecord
@@ -53,6 +50,9 @@ from hmctl.devstack.state import (
     save_record,
 )
 from hmctl.errors import ExitCode
+
+if TYPE_CHECKING:
+    import boto3
 
 LOOPBACK = "127.0.0.1"
 DEFAULT_API_PORT = 8700
@@ -301,6 +301,12 @@ class _Starter:
             self._base_env(),
         )
         endpoint = str(_wait_ready_file(moto_ready, moto, timeouts.moto_s)["endpoint_url"])
+        # boto3 and the store are imported here, by `hmctl dev up` only: every other command would pay
+        # about 150 ms of start-up for them.
+        from hivemind.store import AwsClients, StoreConfig  # noqa: PLC0415
+        from hivemind.store.bootstrap import create_all  # noqa: PLC0415
+        from hivemind.store.schema import QueueRole, TableRole  # noqa: PLC0415
+
         config = StoreConfig(prefix=self.prefix, region=self.region, endpoint_url=endpoint)
 
         self.say("creating tables, bucket and queues from the core schema")
@@ -414,6 +420,8 @@ def _new_log(path: Path):
 
 
 def _emulator_session(region: str) -> boto3.session.Session:
+    import boto3  # noqa: PLC0415 - see _Starter.run
+
     return boto3.session.Session(
         aws_access_key_id=_EMULATOR_AWS_ENV["AWS_ACCESS_KEY_ID"],
         aws_secret_access_key=_EMULATOR_AWS_ENV["AWS_SECRET_ACCESS_KEY"],
