@@ -777,23 +777,27 @@ class _Run:
     ) -> _StageSandbox:
         """Serve the stage's session to its pre-started sandbox, or to a fresh one when there is none
         (or it ended, or waited too long); the run joins every sandbox before it ends."""
+        prestarted = self.prestarted.pop(stage, None)
         try:
-            sandbox = self.prestarted.pop(stage, None)
-            if sandbox is not None:
-                self.unused.append(sandbox)
-                if sandbox.waited_s() <= self.config.prestart_max_wait_s and sandbox.attach(
-                    self._session(sandbox, services, simulated=False), settle=settle, release=release
-                ):
-                    self.unused.remove(sandbox)
-                    self.live.append(sandbox)
-                    return sandbox
-                sandbox.discard()
+            if (
+                prestarted is not None
+                and prestarted.waited_s() <= self.config.prestart_max_wait_s
+                and prestarted.attach(
+                    self._session(prestarted, services, simulated=False), settle=settle, release=release
+                )
+            ):
+                self.live.append(prestarted)
+                return prestarted
             sandbox = _StageSandbox(self, stage, name=stage.value, timeout_s=timeout_s)
             sandbox.attach(self._session(sandbox, services, simulated=False), settle=settle, release=release)
             sandbox.start()
         except BaseException:
             release()
             raise
+        finally:
+            if prestarted is not None and prestarted not in self.live:
+                prestarted.discard()
+                self.unused.append(prestarted)
         self.live.append(sandbox)
         return sandbox
 
