@@ -32,6 +32,7 @@ from hivemind.attestation import (
     CollateralProvider,
     PcsCollateralProvider,
     VerifiedRunner,
+    runner_as_published,
     verify_attestation,
 )
 from hivemind.canonical import canonical_sha256
@@ -43,7 +44,6 @@ from hivemind.manifest import (
     follow_key_rotations,
     verify_manifest,
 )
-from hivemind.models import TeeKind
 from hivemind.trust import RunnerTrust
 from hmctl.errors import NotAccepted
 from hmctl.profiles import AcceptedManifest, AcceptedManifests, Profile
@@ -254,21 +254,7 @@ def unverified_runner(relayed: Sequence[Mapping[str, Any]]) -> VerifiedRunner:
             document = AttestationDocument.model_validate(entry.get("document"))
         except ValidationError:
             continue
-        return VerifiedRunner(
-            runner_id=document.runner_id,
-            tee=document.tee,
-            version=document.version,
-            app_id=document.app_id,
-            instance_id=document.instance_id,
-            compose_hash=document.compose_hash,
-            hpke_public_keys=dict(document.hpke_public_keys),
-            sign_pub=document.sign_pub,
-            quote_sha256=document.quote_sha256,
-            tcb_status=None,
-            advisory_ids=(),
-            simulated=document.tee is TeeKind.SIMULATED,
-            trust_checked=False,
-        )
+        return runner_as_published(document)
     raise AttestationError(
         "the service lists no runner with a readable attestation document", code="no_runner"
     )

@@ -30,7 +30,7 @@ The harness, ``hm`` (:class:`Harness`, bound to the ``api`` of the test), does w
 client side, through the API, with real crypto (keys derived from real secrets, signed manifests, DEK
 wraps, HMS1-sealed items, presigned uploads to the moto server)::
 
-    alice = hm.tenant("alice")                       # TenantKey: secret, token, tenant_id, keys
+    alice = hm.tenant("alice")                       # Tenant: secret, token, tenant_id, keys
     room = hm.room(alice)                            # RoomHandle: room_id, dek, signed, manifest, owner
     bob = hm.invite(room)                            # InviteKey: secret, token, invite_id, room_id
     narrower = hm.invite(room, by=bob, uses=1)       # a derived invite (parent: bob)
@@ -68,6 +68,7 @@ import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI
 from mangum import Mangum
+from support.rooms import Tenant
 
 from hivemind.archive import pack_directory, validate_archive
 from hivemind.attestation import AttestationDocument
@@ -408,42 +409,6 @@ def api(request: pytest.FixtureRequest) -> ApiClient:
 
 
 @dataclass(frozen=True)
-class TenantKey:
-    """A tenant's ``hmk_`` secret and what the client derives from it."""
-
-    secret: Secret = field(repr=False)
-    tenant_id: str
-    name: str
-
-    @property
-    def token(self) -> str:
-        return auth_token(self.secret)
-
-    @property
-    def auth_hash(self) -> str:
-        return auth_hash(self.secret)
-
-    @property
-    def sign_key(self) -> Ed25519PrivateKey:
-        return owner_sign_key(self.secret)
-
-    @property
-    def sign_pub(self) -> str:
-        return b64encode(public_bytes(owner_sign_key(self.secret)))
-
-    @property
-    def box_pub(self) -> str:
-        return b64encode(public_bytes(owner_box_key(self.secret)))
-
-    @property
-    def bearer_id(self) -> str:
-        return self.tenant_id
-
-    def wrap(self, room_id: str, dek: bytes) -> str:
-        return wrap_dek(wrap_key(self.secret, room_id), dek, room_id=room_id, bearer_id=self.tenant_id)
-
-
-@dataclass(frozen=True)
 class InviteKey:
     """An invite's ``hmq_`` secret (what a link carries) for one room."""
 
@@ -517,7 +482,7 @@ class AgentUpload:
 @dataclass
 class RoomHandle:
     room_id: str
-    owner: TenantKey
+    owner: Tenant
     dek: bytes = field(repr=False)
     signed: SignedManifest
     agents: dict[str, AgentHandle]
@@ -563,7 +528,7 @@ class Harness:
 
     # --- identities ----------------------------------------------------------------------------
 
-    def tenant(self, name: str = "alice") -> TenantKey:
+    def tenant(self, name: str = "alice") -> Tenant:
         """A registered tenant (the server half done directly: signup is tested on its own)."""
         secret = Secret.generate(TokenKind.TENANT)
         record = register_tenant(
@@ -573,7 +538,7 @@ class Harness:
             owner_sign_pub=b64encode(public_bytes(owner_sign_key(secret))),
             owner_box_pub=b64encode(public_bytes(owner_box_key(secret))),
         )
-        return TenantKey(secret=secret, tenant_id=record.tenant_id, name=name)
+        return Tenant(tenant_id=record.tenant_id, secret=secret, name=name)
 
     def admin(self) -> AdminKey:
         secret = Secret.generate(TokenKind.ADMIN)
@@ -647,7 +612,7 @@ class Harness:
 
     def agent(
         self,
-        owner: TenantKey | InviteKey,
+        owner: Tenant | InviteKey,
         *,
         visibility: Visibility | str = Visibility.INSPECTABLE,
         files: Mapping[str, bytes] | None = None,
@@ -682,7 +647,7 @@ class Harness:
 
     def agent_upload(
         self,
-        owner: TenantKey | InviteKey,
+        owner: Tenant | InviteKey,
         *,
         archive: bytes,
         visibility: Visibility | str = Visibility.INSPECTABLE,
@@ -707,7 +672,7 @@ class Harness:
         if room is not None:
             tenant_id = room.owner.tenant_id
         else:
-            assert isinstance(owner, TenantKey), "a library agent belongs to a tenant"
+            assert isinstance(owner, Tenant), "a library agent belongs to a tenant"
             tenant_id = owner.tenant_id
         agent_key = os.urandom(32)
         context = SealContext(
@@ -735,7 +700,7 @@ class Harness:
 
     def manifest(
         self,
-        owner: TenantKey,
+        owner: Tenant,
         *,
         room_id: str | None = None,
         scope: AgentHandle | AgentRef,
@@ -788,12 +753,12 @@ class Harness:
         return RoomManifest.model_validate(fields)
 
     @staticmethod
-    def sign(owner: TenantKey, manifest: RoomManifest) -> SignedManifest:
+    def sign(owner: Tenant, manifest: RoomManifest) -> SignedManifest:
         return sign_manifest(manifest, owner.sign_key)
 
     def room(
         self,
-        owner: TenantKey,
+        owner: Tenant,
         *,
         scope: AgentHandle | None = None,
         query: AgentHandle | None = None,
@@ -848,7 +813,7 @@ class Harness:
         self,
         room: RoomHandle,
         *,
-        by: TenantKey | InviteKey | None = None,
+        by: Tenant | InviteKey | None = None,
         uses: int | None = None,
         expires_at: int | None = None,
         budgets: Mapping[str, int] | None = None,

@@ -38,7 +38,8 @@ from hivemind.tokens import Secret, TokenKind
 from hivemind_functions.services import tenants as tenant_service
 
 if TYPE_CHECKING:
-    from conftest import Harness, HttpApiClient, RoomHandle, TenantKey
+    from conftest import Harness, HttpApiClient, RoomHandle
+    from support.rooms import Tenant
 
 ROTATION = "/v1/tenant/key-rotation"
 
@@ -48,8 +49,8 @@ ROTATION = "/v1/tenant/key-rotation"
 
 @dataclass
 class Rotation:
-    old: TenantKey
-    new: TenantKey
+    old: Tenant
+    new: Tenant
     certificate: SignedKeyRotation
     resigned: dict[str, SignedManifest]
     body: dict[str, Any]
@@ -61,7 +62,7 @@ class Rotation:
             room.owner = self.new
 
 
-def certificate(old: TenantKey, new: TenantKey, *, rotated_at: int = 1_700_000_000) -> SignedKeyRotation:
+def certificate(old: Tenant, new: Tenant, *, rotated_at: int = 1_700_000_000) -> SignedKeyRotation:
     rotation = KeyRotation(
         tenant_id=old.tenant_id,
         old_sign_pub=old.sign_pub,
@@ -73,7 +74,7 @@ def certificate(old: TenantKey, new: TenantKey, *, rotated_at: int = 1_700_000_0
 
 
 def plan(
-    owner: TenantKey,
+    owner: Tenant,
     rooms: list[RoomHandle],
     *,
     new_secret: Secret | None = None,
@@ -105,7 +106,7 @@ def plan(
 # --- what the service stores ------------------------------------------------------------------------
 
 
-def snapshot(store: Store, tenant: TenantKey, *others: TenantKey) -> dict[str, Any]:
+def snapshot(store: Store, tenant: Tenant, *others: Tenant) -> dict[str, Any]:
     """Every stored item a rotation of ``tenant`` could touch: tenant, keys, rooms, wraps, audit logs."""
     tenants = Table(store.clients, TableRole.TENANTS)
     credentials = Table(store.clients, TableRole.CREDENTIALS)
@@ -139,9 +140,7 @@ def rewrite_tenant(store: Store, tenant_id: str, mutate: Callable[[dict[str, Any
     table.put(item)
 
 
-def assert_room_works_for_owner(
-    api: Any, owner: TenantKey, room: RoomHandle, *, pinned_sign_pub: str
-) -> dict:
+def assert_room_works_for_owner(api: Any, owner: Tenant, room: RoomHandle, *, pinned_sign_pub: str) -> dict:
     """The owner (with its current key) reads the room; it verifies from ``pinned_sign_pub`` via the
     chain; the owner's wrap opens with the current secret."""
     view = api.get(f"/v1/rooms/{room.room_id}", token=owner.token).ok()
@@ -352,7 +351,7 @@ def test_a_failed_commit_leaves_the_old_key_and_every_room_as_they_were(
 
 
 def _refused(
-    api: Any, store: Store, owner: TenantKey, body: dict[str, Any], *others: TenantKey, token: str = ""
+    api: Any, store: Store, owner: Tenant, body: dict[str, Any], *others: Tenant, token: str = ""
 ) -> Any:
     before = snapshot(store, owner, *others)
     response = api.post(ROTATION, token=token or owner.token, json=body)
@@ -665,7 +664,7 @@ def test_a_forked_chain_is_refused_even_for_the_legitimate_branch(
 
 def _profile_world(
     http_api: HttpApiClient, hm_lambda: Harness, tmp_path: Path
-) -> tuple[Any, Any, TenantKey, list[RoomHandle]]:
+) -> tuple[Any, Any, Tenant, list[RoomHandle]]:
     """alice with two rooms (made through the Lambda path: same app, same store) and her hmctl profile
     pointing at the app over real HTTP."""
     from hmctl.profiles import Profile, ProfileStore  # noqa: PLC0415 - client code only these tests use

@@ -38,6 +38,7 @@ from hivemind.envelope import (
 )
 from hivemind.keys import (
     auth_hash,
+    auth_token,
     credential_id,
     new_dek,
     owner_box_key,
@@ -87,11 +88,12 @@ class Tenant:
     """A tenant as its CLI profile knows it: the ``hmk_`` secret and what derives from it."""
 
     tenant_id: str
-    secret: Secret
+    secret: Secret = field(repr=False)
+    name: str = "tenant"
 
     @classmethod
     def create(cls, store: Store | None = None, name: str = "tenant") -> Tenant:
-        tenant = cls(tenant_id=_ident("tenant"), secret=Secret.generate(TokenKind.TENANT))
+        tenant = cls(tenant_id=_ident("tenant"), secret=Secret.generate(TokenKind.TENANT), name=name)
         if store is not None:
             now = store.clock()
             store.tenants.create(
@@ -105,6 +107,14 @@ class Tenant:
                 )
             )
         return tenant
+
+    @property
+    def token(self) -> str:
+        return auth_token(self.secret)
+
+    @property
+    def auth_hash(self) -> str:
+        return auth_hash(self.secret)
 
     @property
     def sign_key(self) -> Ed25519PrivateKey:
@@ -123,8 +133,13 @@ class Tenant:
         return b64encode(public_bytes(self.box_key))
 
     @property
-    def auth_hash(self) -> str:
-        return auth_hash(self.secret)
+    def bearer_id(self) -> str:
+        """The owner's wraps are filed under its tenant id."""
+        return self.tenant_id
+
+    def wrap(self, room_id: str, dek: bytes) -> str:
+        """The room's DEK wrapped for this tenant, as its CLI uploads it."""
+        return wrap_dek(wrap_key(self.secret, room_id), dek, room_id=room_id, bearer_id=self.tenant_id)
 
 
 @dataclass(frozen=True)

@@ -690,6 +690,12 @@ def verify_attestation(
     )
 
 
+def runner_as_published(document: AttestationDocument) -> VerifiedRunner:
+    """The document's runner with nothing verified (``hmctl --dangerously-skip-attestations``): no TCB
+    status, ``trust_checked`` False. Its keys are the document's word only."""
+    return _verified_runner(document, tcb_status=None, advisory_ids=(), trust_checked=False)
+
+
 def _verified_runner(
     document: AttestationDocument,
     *,

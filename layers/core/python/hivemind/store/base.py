@@ -315,6 +315,28 @@ class Table:
         items = [deserialize(item) for item in response.get("Items", [])]
         return items, encode_cursor(response.get("LastEvaluatedKey"))
 
+    def query_partition(
+        self,
+        index: str,
+        attribute: str,
+        value: str,
+        *,
+        cursor: str | None,
+        limit: int,
+        newest_first: bool = False,
+    ) -> tuple[list[dict[str, Any]], str | None]:
+        """One page of the items of ``index`` whose partition key ``attribute`` is ``value``."""
+        return self.query(
+            index=index,
+            key_condition="#pk = :value",
+            names={"#pk": attribute},
+            values={":value": value},
+            scope={attribute: value},
+            cursor=cursor,
+            limit=limit,
+            newest_first=newest_first,
+        )
+
     def query_all(self, **query: Any) -> Iterator[dict[str, Any]]:
         """Every item a query matches, page after page."""
         cursor: str | None = None

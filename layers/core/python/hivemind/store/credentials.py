@@ -207,15 +207,7 @@ class CredentialRepository:
     def _page(
         self, index: str, attribute: str, value: str, cursor: str | None, limit: int
     ) -> Page[CredentialRecord]:
-        items, next_cursor = self._table.query(
-            index=index,
-            key_condition="#pk = :value",
-            names={"#pk": attribute},
-            values={":value": value},
-            scope={attribute: value},
-            cursor=cursor,
-            limit=limit,
-        )
+        items, next_cursor = self._table.query_partition(index, attribute, value, cursor=cursor, limit=limit)
         return Page[CredentialRecord](
             items=[CredentialRecord.from_item(item) for item in items], cursor=next_cursor
         )

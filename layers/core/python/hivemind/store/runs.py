@@ -213,14 +213,7 @@ class RunRepository:
     def _page(
         self, index: str, attribute: str, value: str, cursor: str | None, limit: int
     ) -> Page[RunRecord]:
-        items, next_cursor = self._table.query(
-            index=index,
-            key_condition="#pk = :value",
-            names={"#pk": attribute},
-            values={":value": value},
-            scope={attribute: value},
-            cursor=cursor,
-            limit=limit,
-            newest_first=True,
+        items, next_cursor = self._table.query_partition(
+            index, attribute, value, cursor=cursor, limit=limit, newest_first=True
         )
         return Page[RunRecord](items=[RunRecord.from_item(item) for item in items], cursor=next_cursor)
