@@ -68,7 +68,7 @@ import uvicorn
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from fastapi import FastAPI
 from mangum import Mangum
-from support.rooms import Tenant
+from support.rooms import Tenant, build_manifest
 
 from hivemind.archive import pack_directory, validate_archive
 from hivemind.attestation import AttestationDocument
@@ -87,13 +87,9 @@ from hivemind.keys import (
 )
 from hivemind.manifest import (
     AgentRef,
-    EgressRule,
-    OutputRule,
-    QueryRule,
     RoomManifest,
     SignedManifest,
     next_revision,
-    rules_digest,
     sign_manifest,
 )
 from hivemind.models import (
@@ -112,7 +108,7 @@ from hivemind.store.credentials import CredentialKind, CredentialRecord
 from hivemind.store.runners import RunnerRecord
 from hivemind.store.schema import TableRole
 from hivemind.tokens import Secret, TokenKind, random_id
-from hivemind.trust import RunnerTrust, RunnerTrustMode
+from hivemind.trust import RunnerTrust
 from hivemind_functions.api.app import create_app
 from hivemind_functions.api.deps import Services
 from hivemind_functions.services.tenants import register_tenant
@@ -721,36 +717,26 @@ class Harness:
         def ref(agent: AgentHandle | AgentRef) -> AgentRef:
             return agent.ref() if isinstance(agent, AgentHandle) else agent
 
-        mode = QueryMode(query_mode)
-        if mode is QueryMode.FIXED:
-            fixed = ref(query if query is not None else scope)
-            query_rule = QueryRule(
-                mode=mode, agent_id=fixed.agent_id, digest=fixed.digest, visibility=fixed.visibility
-            )
-        else:
-            query_rule = QueryRule(mode=mode, visibility=Visibility(query_visibility))
-        fields: dict[str, Any] = {
-            "room_id": room_id or random_id("room"),
-            "tenant_id": owner.tenant_id,
-            "name": name,
-            "rules": rules,
-            "rules_sha256": rules_digest(rules),
-            "policy": "",
-            "scope": ref(scope),
-            "query": query_rule,
-            "mediator": ref(mediator) if mediator is not None else None,
-            "output": OutputRule(visibility=OutputVisibility(output)),
-            "egress": EgressRule(llm_providers=egress_providers or [], artifacts=artifacts),
-            "budgets": budgets,
-            "runner_trust": runner_trust
-            or RunnerTrust(mode=RunnerTrustMode.OWNER_APPROVED, allowed_compose_hashes=[COMPOSE_HASH]),
-            "owner_sign_pub": owner.sign_pub,
-            "owner_box_pub": owner.box_pub,
-            "created_at": self.store.clock(),
-            "revision": revision,
-        }
-        fields.update(overrides)
-        return RoomManifest.model_validate(fields)
+        fixed = QueryMode(query_mode) is QueryMode.FIXED
+        manifest = build_manifest(
+            owner,
+            room_id=room_id or random_id("room"),
+            scope=ref(scope),
+            query=ref(query if query is not None else scope) if fixed else None,
+            uploadable_visibility=Visibility(query_visibility),
+            mediator=ref(mediator) if mediator is not None else None,
+            compose_hashes=[COMPOSE_HASH],
+            output=OutputVisibility(output),
+            artifacts=artifacts,
+            llm_providers=egress_providers,
+            rules=rules,
+            created_at=self.store.clock(),
+            revision=revision,
+            name=name,
+            budgets=budgets,
+            runner_trust=runner_trust,
+        )
+        return RoomManifest.model_validate({**manifest.model_dump(), **overrides})
 
     @staticmethod
     def sign(owner: Tenant, manifest: RoomManifest) -> SignedManifest:

@@ -59,6 +59,7 @@ from hivemind.manifest import (
 )
 from hivemind.models import (
     DEFAULT_BUDGET_LIMITS,
+    BudgetLimits,
     Budgets,
     ObjectKind,
     OutputVisibility,
@@ -178,8 +179,12 @@ def build_manifest(
     rules: str = "Only aggregates leave the room.",
     created_at: int = 1_700_000_000,
     revision: int = 1,
+    name: str = "Test room",
+    budgets: BudgetLimits = DEFAULT_BUDGET_LIMITS,
+    runner_trust: RunnerTrust | None = None,
 ) -> RoomManifest:
-    """A manifest v1; ``query=None`` makes an uploadable room."""
+    """A manifest v1; ``query=None`` makes an uploadable room. ``runner_trust`` defaults to the owner
+    approving ``compose_hashes``."""
     query_rule = (
         QueryRule(mode=QueryMode.UPLOADABLE, visibility=uploadable_visibility)
         if query is None
@@ -190,7 +195,7 @@ def build_manifest(
     return RoomManifest(
         room_id=room_id,
         tenant_id=owner.tenant_id,
-        name="Test room",
+        name=name,
         rules=rules,
         rules_sha256=rules_digest(rules),
         policy="",
@@ -199,8 +204,9 @@ def build_manifest(
         mediator=mediator,
         output=OutputRule(visibility=output),
         egress=EgressRule(llm_providers=llm_providers or [], artifacts=artifacts),
-        budgets=DEFAULT_BUDGET_LIMITS,
-        runner_trust=RunnerTrust(mode=RunnerTrustMode.OWNER_APPROVED, allowed_compose_hashes=compose_hashes),
+        budgets=budgets,
+        runner_trust=runner_trust
+        or RunnerTrust(mode=RunnerTrustMode.OWNER_APPROVED, allowed_compose_hashes=compose_hashes),
         owner_sign_pub=owner.sign_pub,
         owner_box_pub=owner.box_pub,
         created_at=created_at,
