@@ -762,9 +762,27 @@ class _Run:
         self, stage: Stage, services: StageServices, timeout_s: int, *, cancel: threading.Event
     ) -> _StageRun:
         """Run one simulation's sandbox to its end on the calling thread."""
-        sandbox = _StageSandbox(self, stage, name=f"{stage.value}-simulation", timeout_s=timeout_s)
-        sandbox.attach(self._session(sandbox, services, simulated=True), cancel=cancel)
-        return sandbox.start().stage_run()
+        return self._fresh_sandbox(
+            stage, services, timeout_s, name=f"{stage.value}-simulation", simulated=True, cancel=cancel
+        ).stage_run()
+
+    def _fresh_sandbox(
+        self,
+        stage: Stage,
+        services: StageServices,
+        timeout_s: int,
+        *,
+        name: str,
+        simulated: bool,
+        settle: Callable[[], None] = lambda: None,
+        release: Callable[[], None] = lambda: None,
+        cancel: threading.Event | None = None,
+    ) -> _StageSandbox:
+        """A sandbox whose session is served before its agent starts (nothing waits in its socket)."""
+        sandbox = _StageSandbox(self, stage, name=name, timeout_s=timeout_s)
+        session = self._session(sandbox, services, simulated=simulated)
+        sandbox.attach(session, settle=settle, release=release, cancel=cancel)
+        return sandbox.start()
 
     def _launch(
         self,
@@ -788,9 +806,9 @@ class _Run:
             ):
                 self.live.append(prestarted)
                 return prestarted
-            sandbox = _StageSandbox(self, stage, name=stage.value, timeout_s=timeout_s)
-            sandbox.attach(self._session(sandbox, services, simulated=False), settle=settle, release=release)
-            sandbox.start()
+            sandbox = self._fresh_sandbox(
+                stage, services, timeout_s, name=stage.value, simulated=False, settle=settle, release=release
+            )
         except BaseException:
             release()
             raise

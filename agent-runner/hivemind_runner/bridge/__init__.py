@@ -30,7 +30,6 @@ from hivemind_runner.bridge.session import (
     StageServices,
     StageSession,
     StoredArtifact,
-    new_session_token,
     room_policy_checker,
 )
 
@@ -54,7 +53,6 @@ __all__ = [
     "StoredArtifact",
     "Tool",
     "ToolCall",
-    "new_session_token",
     "room_policy_checker",
     "tool_call_chain",
     "wire_error",

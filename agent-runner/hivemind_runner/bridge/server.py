@@ -393,10 +393,7 @@ class BridgeServer:
             server.server_close()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        try:
-            self.socket_path.unlink()
-        except FileNotFoundError:
-            pass
+        self.socket_path.unlink(missing_ok=True)
 
     def __enter__(self) -> BridgeServer:
         return self.start()
@@ -442,7 +439,4 @@ class BridgeListener:
         if server is None:
             return
         server.server_close()
-        try:
-            self.socket_path.unlink()
-        except FileNotFoundError:
-            pass
+        self.socket_path.unlink(missing_ok=True)
