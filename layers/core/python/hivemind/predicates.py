@@ -14,6 +14,7 @@ import).
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -40,8 +41,10 @@ class RowFilter:
     conjuncts: frozenset[str]
 
 
+@functools.lru_cache(maxsize=256)
 def check_row_filter(where: str) -> RowFilter:
-    """Parse and check ``where``; ValueError names what is not allowed."""
+    """Parse and check ``where``; ValueError names what is not allowed. Cached: a policy's filters are
+    checked when it is parsed and read again for narrowing and for the runner's SQL."""
     tree, columns = _parse_predicate(where)
     return RowFilter(
         sql=_normalized_sql(tree),
